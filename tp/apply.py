@@ -1,0 +1,133 @@
+"""tp.apply: shard a model over a 1-D DeviceMesh with torch's parallelize_module."""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import parallelize_module
+
+from . import overrides as overrides_
+from . import plan as plan_
+from . import report as report_
+from . import sizes
+from .errors import AlreadyShardedError, MeshError, PlanError
+from .registry import load_registry
+from .styles import StyleSpec
+
+
+def resolve(
+    model: nn.Module,
+    tp: int,
+    *,
+    family: str | None = None,
+    allreduce: str | list[str] | None = None,
+    keep: str | list[str] | None = None,
+    config: str | os.PathLike | None = None,
+    registry: str | os.PathLike | None = None,
+    strict: bool = False,
+    loss_parallel: bool = False,
+) -> plan_.ResolvedPlan:
+    """The plan ``apply`` would use, without sharding anything (works on the meta device)."""
+    reg = load_registry(registry)
+    resolved = plan_.resolve(
+        model, reg, family=family, overrides=overrides_.collect(allreduce, keep, config), strict=strict
+    )
+    if loss_parallel:
+        heads = [p for p, d in resolved.decisions.items() if d.style.name == "lm_head"]
+        if not heads:
+            raise PlanError("loss_parallel=True, but the plan has no module with the lm_head style")
+        for path in heads:
+            resolved.with_style(path, StyleSpec("lm_head", (("loss_parallel", True),)))
+    return resolved
+
+
+def _check_mesh(mesh: DeviceMesh) -> int:
+    if not isinstance(mesh, DeviceMesh):
+        raise MeshError(f"tp.apply needs a torch DeviceMesh, got {type(mesh).__name__}; "
+                        "build one with init_device_mesh('cpu' or 'cuda', (tp_size,))")
+    if mesh.ndim != 1:
+        names = mesh.mesh_dim_names or tuple(range(mesh.ndim))
+        raise MeshError(
+            f"tp.apply needs a 1-D mesh, got a {mesh.ndim}-D mesh with dims {names} and shape "
+            f"{tuple(mesh.shape)}; pass the tensor-parallel dimension, e.g. mesh['tp']"
+        )
+    return mesh.size()
+
+
+def _check_not_sharded(model: nn.Module) -> None:
+    for name, param in model.named_parameters():
+        if isinstance(param, DTensor):
+            raise AlreadyShardedError(
+                f"{type(model).__name__} is already sharded (parameter {name} is a DTensor); "
+                "tp.apply takes an unsharded model: build or load a fresh one"
+            )
+
+
+def _tied_groups(model: nn.Module) -> list[list[tuple[str, str]]]:
+    """Groups of (module path, parameter name) that share one Parameter, such as tied embeddings."""
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for path, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((path, name))
+    return [group for group in owners.values() if len(group) > 1]
+
+
+def _retie(model: nn.Module, groups: list[list[tuple[str, str]]]) -> None:
+    """parallelize_module replaces parameters one module at a time, which unties shared ones."""
+    for group in groups:
+        params = [getattr(model.get_submodule(path), name) for path, name in group]
+        sharded = next((p for p in params if isinstance(p, DTensor)), params[0])
+        layouts = {(tuple(p.placements) if isinstance(p, DTensor) else None) for p in params}
+        if len(layouts) > 1:
+            where = ", ".join(f"{path}.{name}" for path, name in group)
+            raise PlanError(f"tied parameters {where} got different layouts {layouts}; give their modules "
+                            "styles that shard the shared weight the same way")
+        for path, name in group:
+            setattr(model.get_submodule(path), name, sharded)
+
+
+def apply(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    family: str | None = None,
+    allreduce: str | list[str] | None = None,
+    keep: str | list[str] | None = None,
+    config: str | os.PathLike | None = None,
+    registry: str | os.PathLike | None = None,
+    strict: bool = False,
+    loss_parallel: bool = False,
+) -> report_.Report:
+    """Shard ``model`` in place over the 1-D ``mesh`` and return a report of what was done.
+
+    Args:
+        model: an unsharded model, e.g. from ``AutoModelForCausalLM.from_config``.
+        mesh: a 1-D DeviceMesh of the tensor-parallel ranks.
+        family: registry family to use; default: recognised from the model.
+        allreduce, keep: module-name patterns (a list or a comma-separated string) of linears
+            to make row-parallel or to keep whole; they win over every other source.
+        config: a TOML file with ``allreduce_linear_items`` / ``keep_linear_items``.
+        registry: a user registry.toml merged over the built-in one.
+        strict: a pattern that matches no module is an error instead of a warning.
+        loss_parallel: keep the logits vocab-sharded for ``loss_parallel()``.
+
+    Example::
+        >>> mesh = init_device_mesh("cpu", (2,))
+        >>> report = tp.apply(AutoModelForCausalLM.from_config(cfg), mesh)
+        >>> print(report)
+    """
+    tp = _check_mesh(mesh)
+    _check_not_sharded(model)
+    resolved = resolve(model, tp, family=family, allreduce=allreduce, keep=keep, config=config,
+                       registry=registry, strict=strict, loss_parallel=loss_parallel)
+    sizes.check(model, resolved, tp)
+    report = report_.build(model, resolved, tp)
+    ties = _tied_groups(model)
+    parallelize_module(model, mesh, resolved.styles())
+    _retie(model, ties)
+    if resolved.family:
+        sizes.divide_attributes(model, load_registry(registry).inherited(resolved.family, "divide"), tp)
+    return report

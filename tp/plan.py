@@ -1,0 +1,188 @@
+"""Resolve which module gets which style, and record which source decided it.
+
+Sources, highest precedence first: ``argument``, ``environment``, ``config file``, the
+family plan from the registry, then, for a model with no registered family, the built-in
+lists and the structural inference. Block inputs are ``derived`` last from the result.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .errors import PlanError
+from .overrides import Overrides
+from .patterns import closest_names, matches, specificity
+from .registry import Registry
+from .styles import StyleSpec
+
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
+
+ROWWISE = StyleSpec("rowwise")
+COLWISE = StyleSpec("colwise")
+KEEP = StyleSpec("keep")
+BLOCK_INPUT = StyleSpec("block_input")
+
+
+@dataclass(frozen=True)
+class Decision:
+    module: str
+    style: StyleSpec
+    source: str
+    pattern: str | None = None
+
+
+@dataclass
+class ResolvedPlan:
+    family: str | None
+    decisions: dict[str, Decision]
+    warnings: list[str] = field(default_factory=list)
+
+    def styles(self):
+        return {path: d.style.build() for path, d in self.decisions.items()}
+
+    def with_style(self, path: str, style: StyleSpec) -> None:
+        self.decisions[path] = Decision(path, style, self.decisions[path].source, self.decisions[path].pattern)
+
+
+def _best_match(path: str, plan: dict[str, StyleSpec], where: str) -> tuple[str, StyleSpec] | None:
+    hits = [p for p in plan if matches(p, path)]
+    if not hits:
+        return None
+    top = max(specificity(p) for p in hits)
+    best = [p for p in hits if specificity(p) == top]
+    if len({plan[p] for p in best}) > 1:
+        choices = ", ".join(f"{p!r} -> {plan[p]}" for p in best)
+        raise PlanError(f"{where}: module {path} is matched by equally specific patterns with different styles "
+                        f"({choices}); make one of them more specific")
+    return best[0], plan[best[0]]
+
+
+def _report_unmatched(patterns, used, paths, where, strict, problems) -> None:
+    for pattern in patterns:
+        if pattern in used:
+            continue
+        hint = closest_names(pattern, paths)
+        message = f"{where}: pattern {pattern!r} matches no module" + (
+            f"; closest: {', '.join(hint)}" if hint else "")
+        problems.append(message)
+        if strict:
+            raise PlanError(message + " (strict mode)")
+        warnings.warn(message, stacklevel=4)
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Paths of the repeated blocks: the children of the largest list of same-class modules."""
+    best, best_size = None, 0
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = path, size
+    if best is None:
+        return []
+    return [f"{best}.{i}" for i in range(len(model.get_submodule(best)))]
+
+
+def infer_plan(model: nn.Module, registry: Registry) -> dict[str, Decision]:
+    """DeepSpeed AutoTP's rule: per sub-block of each repeated block, the linear that feeds the
+    residual stream (a built-in all-reduce name, else the last linear) is row-parallel, the
+    keep list stays whole, every other linear is column-parallel."""
+    blocks = find_blocks(model)
+    if not blocks:
+        raise PlanError(
+            f"{type(model).__name__}: no family in the registry recognises it and no repeated blocks were "
+            "found to infer a plan from; add a family to registry.toml (README: 'Contributing a family')"
+        )
+    decisions: dict[str, Decision] = {}
+    for block in blocks:
+        groups: dict[str, list[str]] = {}
+        for path, module in model.get_submodule(block).named_modules():
+            if isinstance(module, LINEAR_TYPES):
+                groups.setdefault(path.split(".")[0] if "." in path else "", []).append(f"{block}.{path}")
+        for linears in groups.values():
+            for path in linears:
+                if any(matches(p, path) for p in registry.keep_linear_items):
+                    decisions[path] = Decision(path, KEEP, "built-in list")
+                elif any(matches(p, path) for p in registry.allreduce_linear_items):
+                    decisions[path] = Decision(path, ROWWISE, "built-in list")
+            sharded = [p for p in linears if p not in decisions]
+            if sharded and not any(p in decisions and decisions[p].style == ROWWISE for p in linears):
+                decisions[sharded[-1]] = Decision(sharded[-1], ROWWISE, "inferred")
+            for path in sharded:
+                decisions.setdefault(path, Decision(path, COLWISE, "inferred"))
+    names = {m: n for n, m in model.named_modules()}
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if isinstance(embed, nn.Embedding):
+        decisions[names[embed]] = Decision(names[embed], StyleSpec("embedding"), "inferred")
+    if isinstance(head, nn.Linear):
+        decisions[names[head]] = Decision(names[head], StyleSpec("lm_head"), "inferred")
+    return decisions
+
+
+def resolve(
+    model: nn.Module,
+    registry: Registry,
+    *,
+    family: str | None = None,
+    overrides: list[Overrides] = (),
+    strict: bool = False,
+) -> ResolvedPlan:
+    modules = dict(model.named_modules())
+    del modules[""]
+    paths = list(modules)
+    problems: list[str] = []
+
+    if family is not None:
+        registry.get(family)
+    else:
+        family = registry.family_of(model)
+
+    decisions: dict[str, Decision] = {}
+    if family is not None:
+        plan = registry.plan(family, model)
+        where = f"family {family!r}"
+        used = set()
+        for path in paths:
+            hit = _best_match(path, plan, where)
+            if hit:
+                used.add(hit[0])
+                decisions[path] = Decision(path, hit[1], f"family {family}", hit[0])
+        _report_unmatched(plan, used, paths, where, strict, problems)
+    else:
+        decisions = infer_plan(model, registry)
+
+    linears = [p for p in paths if isinstance(modules[p], LINEAR_TYPES)]
+    for source in reversed(list(overrides)):
+        chosen: dict[str, tuple[str, StyleSpec]] = {}
+        used = set()
+        for style, patterns in ((ROWWISE, source.allreduce), (KEEP, source.keep)):
+            for pattern in patterns:
+                for path in (p for p in linears if matches(pattern, p)):
+                    used.add(pattern)
+                    if path in chosen and chosen[path][1] != style:
+                        raise PlanError(
+                            f"{source.source}: linear {path} is listed both as all-reduce ({chosen[path][0]!r}) "
+                            f"and as keep ({pattern!r}); remove it from one of the lists"
+                        )
+                    chosen[path] = (pattern, style)
+        for path, (pattern, style) in chosen.items():
+            decisions[path] = Decision(path, style, source.source, pattern)
+        _report_unmatched(source.allreduce + source.keep, used, linears, source.source, strict, problems)
+
+    for path, decision in decisions.items():
+        decision.style.check_module(path, modules[path])
+
+    block_patterns = registry.inherited(family, "block_inputs") if family else None
+    if block_patterns is None:
+        # A repeated block itself adds its input to the residual stream, which must stay a plain tensor.
+        blocks = {p.rpartition(".")[0] for p, d in decisions.items() if d.style == COLWISE} - set(find_blocks(model))
+    else:
+        blocks = {p for p in paths if any(matches(b, p) for b in block_patterns)}
+    for block in sorted(blocks - {""} - set(decisions), key=paths.index):
+        decisions[block] = Decision(block, BLOCK_INPUT, "derived")
+
+    ordered = {p: decisions[p] for p in paths if p in decisions}
+    return ResolvedPlan(family, ordered, problems)

@@ -1,0 +1,123 @@
+"""What tp.apply did (or, for a dry run, would do): one row per module, and the totals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .plan import ResolvedPlan, find_blocks
+from .sizes import local_shape, sharded_dims
+
+
+@dataclass(frozen=True)
+class Row:
+    module: str
+    kind: str
+    style: str
+    source: str
+    shapes: str
+
+
+@dataclass(frozen=True)
+class Collectives:
+    """Expected collectives of one forward and one backward pass, per block and in total."""
+
+    forward_per_block: int
+    backward_per_block: int
+    forward_outside: int
+    backward_outside: int
+    blocks: int
+
+    @property
+    def forward(self) -> int:
+        return self.forward_per_block * self.blocks + self.forward_outside
+
+    @property
+    def backward(self) -> int:
+        return self.backward_per_block * self.blocks + self.backward_outside
+
+
+@dataclass
+class Report:
+    family: str | None
+    tp: int
+    rows: list[Row]
+    collectives: Collectives
+    warnings: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def style_of(self, module: str) -> str | None:
+        return next((r.style for r in self.rows if r.module == module), None)
+
+    def source_of(self, module: str) -> str | None:
+        return next((r.source for r in self.rows if r.module == module), None)
+
+    def __str__(self) -> str:
+        head = ("module", "type", "style", "decided by", "parameter shapes: global -> per rank")
+        table = [head] + [(r.module, r.kind, r.style, r.source, r.shapes) for r in self.rows]
+        widths = [max(len(row[i]) for row in table) for i in range(4)]
+        lines = [
+            f"tp plan: family {self.family or '(none: inferred from the module structure)'}, tp={self.tp}",
+        ]
+        for row in table:
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4])
+        c = self.collectives
+        lines.append(
+            f"expected collectives: forward {c.forward_per_block} per block x {c.blocks} blocks + {c.forward_outside} "
+            f"(embedding, lm_head) = {c.forward}; backward {c.backward_per_block} per block x {c.blocks} + "
+            f"{c.backward_outside} = {c.backward}"
+        )
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines += [f"problem: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def _shapes(module: nn.Module, style: str, tp: int) -> str:
+    dims = sharded_dims(style, module)
+    parts = []
+    for name, param in module.named_parameters(recurse=False):
+        shape = tuple(param.shape)
+        parts.append(f"{name} {list(shape)} -> {list(local_shape(shape, dims.get(name), tp))}")
+    return "; ".join(parts)
+
+
+def expected_collectives(model: nn.Module, plan: ResolvedPlan) -> Collectives:
+    """Forward: one all-reduce per row-parallel linear and for the embedding, one all-gather for
+    gathered logits. Backward: one all-reduce per replicated block input, per column-parallel
+    linear that reads a plain tensor, and for the lm_head input."""
+    styles = {p: d.style for p, d in plan.decisions.items()}
+    blocks = find_blocks(model)
+
+    def count(paths):
+        forward = sum(styles[p].name in ("rowwise", "embedding") for p in paths)
+        forward += sum(styles[p].name == "lm_head" and not dict(styles[p].args).get("loss_parallel") for p in paths)
+        prepared = {p for p in paths if styles[p].name == "block_input"}
+        backward = len(prepared) + sum(
+            styles[p].name in ("colwise", "lm_head") and p.rpartition(".")[0] not in prepared for p in paths
+        )
+        return forward, backward
+
+    inside = [p for p in styles if blocks and p.startswith(blocks[0] + ".")]
+    outside = [p for p in styles if not any(p.startswith(b + ".") for b in blocks)]
+    fwd_block, bwd_block = count(inside)
+    fwd_out, bwd_out = count(outside)
+    return Collectives(fwd_block, bwd_block, fwd_out, bwd_out, len(blocks))
+
+
+def build(model: nn.Module, plan: ResolvedPlan, tp: int, problems: list[str] = ()) -> Report:
+    rows = []
+    for path, module in model.named_modules():
+        if not path:
+            continue
+        decision = plan.decisions.get(path)
+        has_params = any(True for _ in module.parameters(recurse=False))
+        if decision is None:
+            if not has_params:
+                continue
+            style, source = "whole", "not in plan"
+        else:
+            style, source = str(decision.style), decision.source
+        rows.append(Row(path, type(module).__name__, style, source,
+                        _shapes(module, decision.style.name if decision else "", tp)))
+    return Report(plan.family, tp, rows, expected_collectives(model, plan), list(plan.warnings), list(problems))

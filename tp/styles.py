@@ -1,0 +1,267 @@
+"""The styles a plan can name, and the two small ParallelStyle subclasses torch lacks.
+
+Every style is torch's own where torch has one (``ColwiseParallel``, ``RowwiseParallel``,
+``SequenceParallel``); ``KeepWhole`` and ``ReplicateBlockInput`` are ours. A plan names a
+style by its registry name, optionally with keyword arguments::
+
+    "model.layers.*.self_attn.q_proj" = "colwise"
+    "lm_head" = { style = "lm_head", loss_parallel = true }
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    SequenceParallel,
+)
+
+from .errors import PlanError
+
+
+class KeepWhole(ParallelStyle):
+    """Keep a module whole on every rank: its parameters stay plain tensors, no communication.
+
+    Inside a block whose input was replicated as a DTensor (see ``ReplicateBlockInput``), the
+    module receives local tensors, so it runs exactly as unsharded. Its gradient with respect
+    to that input is complete on every rank, which is what a ``Replicate`` placement means.
+
+    Example::
+        >>> # a MoE router stays whole; the experts around it may be sharded
+        >>> parallelize_module(model, mesh, {"model.layers.0.mlp.gate": KeepWhole()})
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        module.register_forward_pre_hook(_inputs_to_local, with_kwargs=True)
+        return module
+
+    def __repr__(self) -> str:
+        return "KeepWhole()"
+
+
+def _inputs_to_local(module, args, kwargs):
+    def local(x):
+        return x.to_local() if isinstance(x, DTensor) else x
+
+    return tuple(local(a) for a in args), {k: local(v) for k, v in kwargs.items()}
+
+
+class ReplicateBlockInput(ParallelStyle):
+    """Turn a block's input into one replicated DTensor that all its column-parallel linears share.
+
+    This is Megatron's ``f`` operator placed once per block. When q, k and v (or gate and up)
+    each wrap the same plain tensor, each one all-reduces its own input gradient in the
+    backward; sharing one DTensor lets autograd sum the partial gradients first, so the block
+    costs a single all-reduce in the backward.
+
+    The input is the first positional tensor argument, or the keyword argument ``kwarg`` when
+    the block is called with keywords only (as Hugging Face decoder layers call attention).
+
+    Keyword Args:
+        kwarg (str): the keyword that carries the block input. Default: ``"hidden_states"``.
+
+    Example::
+        >>> plan = {
+        ...     "layers.0.self_attn": ReplicateBlockInput(),
+        ...     "layers.0.self_attn.q_proj": ColwiseParallel(),
+        ...     "layers.0.self_attn.k_proj": ColwiseParallel(),
+        ...     "layers.0.self_attn.v_proj": ColwiseParallel(),
+        ...     "layers.0.self_attn.o_proj": RowwiseParallel(),
+        ... }
+        >>> parallelize_module(model, mesh, plan)
+    """
+
+    def __init__(self, *, kwarg: str = "hidden_states"):
+        self.kwarg = kwarg
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def replicate(x):
+            if isinstance(x, DTensor) or not isinstance(x, torch.Tensor):
+                return x
+            return DTensor.from_local(x, device_mesh, [Replicate()], run_check=False)
+
+        def hook(mod, args, kwargs):
+            if args and isinstance(args[0], torch.Tensor):
+                return (replicate(args[0]), *args[1:]), kwargs
+            if isinstance(kwargs.get(self.kwarg), torch.Tensor):
+                return args, {**kwargs, self.kwarg: replicate(kwargs[self.kwarg])}
+            raise PlanError(
+                f"block_input on {type(mod).__name__}: found no tensor as first argument nor as "
+                f"keyword {self.kwarg!r}; set the style's kwarg to the name that carries the input"
+            )
+
+        module.register_forward_pre_hook(hook, with_kwargs=True)
+        return module
+
+    def __repr__(self) -> str:
+        return f"ReplicateBlockInput(kwarg={self.kwarg!r})"
+
+
+class HeadNorm(ParallelStyle):
+    """A norm over each attention head's features, inside the region where heads are sharded.
+
+    Qwen3 normalises q and k per head with one weight of ``head_dim`` features shared by all
+    heads; Cohere keeps one weight row per head. Either way a rank sees only its own heads,
+    so a plain weight would get a silently incomplete gradient. Here the input is marked as
+    sharded along the heads dimension; a shared weight becomes a replicated DTensor whose
+    gradient DTensor sums over ranks, and a per-head weight (heads first) is sharded with the
+    heads. The output goes back to a local tensor for the attention code that follows.
+
+    Keyword Args:
+        head_dim (int): the heads dimension of the norm's input. Default: 2, for
+            ``[batch, seq, heads, head_features]``.
+
+    Example::
+        >>> parallelize_module(model, mesh, {"layers.0.self_attn.q_norm": HeadNorm(head_dim=2)})
+    """
+
+    def __init__(self, *, head_dim: int = 2):
+        self.head_dim = head_dim
+
+    def _partition(self, name, module, device_mesh):
+        for p_name, param in list(module.named_parameters(recurse=False)):
+            if param.dim() >= 2:
+                placed = distribute_tensor(param, device_mesh, [Shard(0)], src_data_rank=self.src_data_rank)
+            else:
+                placed = DTensor.from_local(param, device_mesh, [Replicate()], run_check=False)
+            module.register_parameter(p_name, nn.Parameter(placed, requires_grad=param.requires_grad))
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        placement = [Shard(self.head_dim)]
+
+        def input_fn(mod, inputs, mesh):
+            return DTensor.from_local(inputs[0], mesh, placement, run_check=False), *inputs[1:]
+
+        def output_fn(mod, output, mesh):
+            return output.to_local()
+
+        return distribute_module(module, device_mesh, self._partition, input_fn, output_fn)
+
+    def __repr__(self) -> str:
+        return f"HeadNorm(head_dim={self.head_dim})"
+
+
+def colwise() -> ParallelStyle:
+    """Output features sharded; input replicated (torch's ColwiseParallel)."""
+    return ColwiseParallel()
+
+
+def rowwise() -> ParallelStyle:
+    """Input features sharded; partial outputs all-reduced (torch's RowwiseParallel)."""
+    return RowwiseParallel()
+
+
+def keep() -> ParallelStyle:
+    """Whole on every rank, no communication."""
+    return KeepWhole()
+
+
+def embedding() -> ParallelStyle:
+    """Vocab-parallel embedding: rows (tokens) sharded, the looked-up vectors all-reduced."""
+    return RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+
+
+def lm_head(*, loss_parallel: bool = False) -> ParallelStyle:
+    """Vocab-sharded output projection.
+
+    By default the logits are all-gathered, so the model returns ordinary full logits. With
+    ``loss_parallel=True`` they stay a vocab-sharded DTensor for
+    ``torch.distributed.tensor.parallel.loss_parallel`` and never exist whole on one rank.
+    """
+    if loss_parallel:
+        return ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    return ColwiseParallel(output_layouts=Replicate())
+
+
+def sequence_parallel(*, sequence_dim: int = 1) -> ParallelStyle:
+    """Norms and dropout on sequence shards (torch's SequenceParallel)."""
+    return SequenceParallel(sequence_dim=sequence_dim)
+
+
+def head_norm(*, head_dim: int = 2) -> ParallelStyle:
+    """A norm applied per attention head inside the head-sharded region (q_norm / k_norm)."""
+    return HeadNorm(head_dim=head_dim)
+
+
+def block_input(*, kwarg: str = "hidden_states") -> ParallelStyle:
+    """Replicate a block's input once for all its column-parallel linears."""
+    return ReplicateBlockInput(kwarg=kwarg)
+
+
+@dataclass(frozen=True)
+class StyleDef:
+    name: str
+    build: Callable[..., ParallelStyle]
+    supports: tuple[type[nn.Module], ...]  # empty: any module
+
+    @property
+    def summary(self) -> str:
+        return (self.build.__doc__ or "").strip().splitlines()[0]
+
+
+STYLES: dict[str, StyleDef] = {
+    s.name: s
+    for s in (
+        StyleDef("colwise", colwise, (nn.Linear, nn.Embedding)),
+        StyleDef("rowwise", rowwise, (nn.Linear,)),
+        StyleDef("keep", keep, ()),
+        StyleDef("embedding", embedding, (nn.Embedding,)),
+        StyleDef("lm_head", lm_head, (nn.Linear,)),
+        StyleDef("sequence_parallel", sequence_parallel, ()),
+        StyleDef("head_norm", head_norm, ()),
+        StyleDef("block_input", block_input, ()),
+    )
+}
+
+
+@dataclass(frozen=True)
+class StyleSpec:
+    """A style name with its keyword arguments, as written in a plan."""
+
+    name: str
+    args: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def parse(cls, value: str | dict[str, Any]) -> "StyleSpec":
+        """``"colwise"`` or ``{style = "lm_head", loss_parallel = true}``; raises ValueError."""
+        if isinstance(value, str):
+            name, args = value, {}
+        elif isinstance(value, dict) and "style" in value:
+            args = dict(value)
+            name = args.pop("style")
+        else:
+            raise ValueError(f"expected a style name or a table with a 'style' key, found {value!r}")
+        if name not in STYLES:
+            raise ValueError(f"unknown style {name!r}; allowed: {', '.join(STYLES)}")
+        params = inspect.signature(STYLES[name].build).parameters
+        unknown = sorted(set(args) - set(params))
+        if unknown:
+            allowed = ", ".join(params) or "none"
+            raise ValueError(f"style {name!r} takes no argument {', '.join(unknown)}; allowed: {allowed}")
+        return cls(name, tuple(sorted(args.items())))
+
+    def build(self) -> ParallelStyle:
+        return STYLES[self.name].build(**dict(self.args))
+
+    def check_module(self, path: str, module: nn.Module) -> None:
+        supports = STYLES[self.name].supports
+        if supports and not isinstance(module, supports):
+            kinds = ", ".join(t.__name__ for t in supports)
+            raise PlanError(
+                f"{path}: style {self.name!r} supports {kinds}, but the module is a "
+                f"{type(module).__name__}; choose another style for it or leave it out of the plan"
+            )
+
+    def __str__(self) -> str:
+        if not self.args:
+            return self.name
+        return f"{self.name}(" + ", ".join(f"{k}={v}" for k, v in self.args) + ")"

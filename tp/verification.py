@@ -1,0 +1,215 @@
+"""tp.verify: shard a model on CPU processes and compare it with the unsharded one.
+
+Every rank builds the same model, keeps an unsharded copy, shards the other with
+``tp.apply``, runs one forward and backward on both, and compares logits, every
+parameter's gradient and every gathered parameter. Collectives are counted with
+``CommDebugMode`` and checked against what the plan says they should be.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .launch import WorkerPool
+
+LOGITS_ATOL = 1e-5
+GRAD_RTOL = 1e-4
+
+
+@dataclass(frozen=True)
+class VerifySpec:
+    family: str | None = None
+    model_factory: Callable[[], nn.Module] | None = None
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    apply_kwargs: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    batch: int = 2
+    seq: int = 16
+
+
+@dataclass
+class VerifyResult:
+    family: str | None
+    tp: int
+    logits_max_abs: float
+    worst_grad_rel: float
+    worst_grad_param: str
+    gathered_exact: bool
+    gathered_mismatch: list[str]
+    forward_collectives: dict[str, int]
+    backward_collectives: dict[str, int]
+    expected_forward: int
+    expected_backward: int
+    per_block_forward: int
+    per_block_backward: int
+    blocks: int
+    param_bytes_per_rank: int
+    param_bytes_unsharded: int
+    report: str
+    logits_atol: float = LOGITS_ATOL
+    grad_rtol: float = GRAD_RTOL
+
+    @property
+    def collectives_ok(self) -> bool:
+        return (sum(self.forward_collectives.values()) == self.expected_forward
+                and sum(self.backward_collectives.values()) == self.expected_backward)
+
+    @property
+    def ok(self) -> bool:
+        return (self.logits_max_abs <= self.logits_atol and self.worst_grad_rel <= self.grad_rtol
+                and self.gathered_exact and self.collectives_ok)
+
+    def table(self) -> str:
+        def counts(c):
+            return ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"
+
+        def mark(good):
+            return "ok" if good else "FAIL"
+
+        rows = [
+            ("check", "measured", "limit", ""),
+            ("logits max abs diff", f"{self.logits_max_abs:.2e}", f"{self.logits_atol:.0e}",
+             mark(self.logits_max_abs <= self.logits_atol)),
+            ("worst gradient, relative", f"{self.worst_grad_rel:.2e} ({self.worst_grad_param})",
+             f"{self.grad_rtol:.0e}", mark(self.worst_grad_rel <= self.grad_rtol)),
+            ("gathered parameters == originals", "exact" if self.gathered_exact else
+             f"{len(self.gathered_mismatch)} differ", "exact", mark(self.gathered_exact)),
+            ("forward collectives", counts(self.forward_collectives), f"{self.expected_forward}",
+             mark(sum(self.forward_collectives.values()) == self.expected_forward)),
+            ("backward collectives", counts(self.backward_collectives), f"{self.expected_backward}",
+             mark(sum(self.backward_collectives.values()) == self.expected_backward)),
+            ("collectives per block (fwd / bwd)", f"{self.per_block_forward} / {self.per_block_backward}",
+             f"x {self.blocks} blocks", ""),
+            ("parameter bytes per rank", f"{self.param_bytes_per_rank:,} of {self.param_bytes_unsharded:,} "
+             f"({self.param_bytes_per_rank / self.param_bytes_unsharded:.2f})", "", ""),
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = [f"tp verify: family {self.family or '(custom model)'}, tp={self.tp}"]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
+        lines.append("result: " + ("PASS" if self.ok else "FAIL"))
+        return "\n".join(lines)
+
+
+def _short(op) -> str:
+    return str(op).split(".")[-1].removesuffix("_into_tensor").removesuffix("_tensor")
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / scale if scale > 0 else (a - b).abs().max().item()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _local_bytes(model: nn.Module) -> int:
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        total += local.numel() * local.element_size()
+    return total
+
+
+def _verify_rank(spec: VerifySpec) -> dict:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from .apply import apply
+    from .models import build, family_config
+
+    world = dist.get_world_size()
+    if spec.model_factory is not None:
+        torch.manual_seed(spec.seed)
+        reference = spec.model_factory()
+    else:
+        reference = build(family_config(spec.family, registry=spec.apply_kwargs.get("registry"),
+                                        **spec.config_overrides), seed=spec.seed)
+    reference = reference.float().eval()
+    model = copy.deepcopy(reference)
+    originals = {n: p.detach().clone() for n, p in model.named_parameters()}
+    unsharded_bytes = _local_bytes(reference)
+
+    mesh = init_device_mesh("cpu", (world,))
+    report = apply(model, mesh, family=spec.family, **spec.apply_kwargs)
+
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+    vocab = reference.get_input_embeddings().num_embeddings
+    ids = torch.randint(3, vocab, (spec.batch, spec.seq), generator=gen)
+
+    ref_out = reference(input_ids=ids, labels=ids)
+    ref_out.loss.backward()
+    with CommDebugMode() as fwd:
+        out = model(input_ids=ids, labels=ids)
+    with CommDebugMode() as bwd:
+        out.loss.backward()
+
+    ref_grads = dict(reference.named_parameters())
+    worst, worst_name = 0.0, ""
+    mismatched = []
+    for name, param in model.named_parameters():
+        full = _full(param.detach())
+        if not torch.equal(full, originals[name]):
+            mismatched.append(name)
+        rel = _max_rel(_full(param.grad), ref_grads[name].grad)
+        if rel > worst or not worst_name:
+            worst, worst_name = rel, name
+    c = report.collectives
+    forward = Counter({_short(k): v for k, v in fwd.get_comm_counts().items()})
+    backward = Counter({_short(k): v for k, v in bwd.get_comm_counts().items()})
+    return dict(
+        family=report.family, tp=world,
+        logits_max_abs=(_full(out.logits) - ref_out.logits).abs().max().item(),
+        worst_grad_rel=worst, worst_grad_param=worst_name,
+        gathered_exact=not mismatched, gathered_mismatch=mismatched,
+        forward_collectives=dict(forward), backward_collectives=dict(backward),
+        expected_forward=c.forward, expected_backward=c.backward,
+        per_block_forward=(sum(forward.values()) - c.forward_outside) // max(c.blocks, 1),
+        per_block_backward=(sum(backward.values()) - c.backward_outside) // max(c.blocks, 1),
+        blocks=c.blocks, param_bytes_per_rank=_local_bytes(model), param_bytes_unsharded=unsharded_bytes,
+        report=str(report),
+    )
+
+
+def verify(
+    family: str | None = None,
+    *,
+    tp: int = 2,
+    model_factory: Callable[[], nn.Module] | None = None,
+    config_overrides: dict[str, Any] | None = None,
+    pool: WorkerPool | None = None,
+    seed: int = 0,
+    **apply_kwargs,
+) -> VerifyResult:
+    """Shard a tiny model of ``family`` (or ``model_factory()``) over ``tp`` CPU processes and
+    compare it with the unsharded model. Returns a VerifyResult; ``result.ok`` says whether
+    logits, gradients, gathered parameters and collective counts all passed.
+
+    ``model_factory`` must be picklable (a module-level function), since every rank calls it.
+    ``apply_kwargs`` go to ``tp.apply`` (allreduce, keep, config, registry, strict, ...).
+
+    Example::
+        >>> result = tp.verify("llama", tp=2)
+        >>> print(result.table())
+    """
+    if family is None and model_factory is None:
+        family = "llama"
+    spec = VerifySpec(family, model_factory, dict(config_overrides or {}), apply_kwargs, seed)
+    if pool is not None:
+        results = pool.run(_verify_rank, spec)
+    else:
+        with WorkerPool(tp) as own:
+            results = own.run(_verify_rank, spec)
+    return VerifyResult(**results[0])
