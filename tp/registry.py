@@ -182,7 +182,7 @@ class Registry:
             raise PlanError(
                 f"no family {name!r} in the registry"
                 + (f"; did you mean {', '.join(hint)}?" if hint else "")
-                + f" Known families: {', '.join(sorted(self.families))}"
+                + f". Known families: {', '.join(sorted(self.families))}"
             )
         return self.families[name]
 

@@ -1,0 +1,60 @@
+"""Every registered family, sharded at TP=2 and TP=4, matches the unsharded model.
+
+Tolerances (float32, same seed): logits max abs diff <= 1e-5; every parameter's gradient
+max abs diff <= 1e-4 of that gradient's largest entry; gathered parameters bit-exact.
+Collectives are counted with CommDebugMode and must equal what the plan predicts, which is
+at most 2 per decoder layer in each direction.
+"""
+
+import pytest
+
+import tp
+
+FAMILIES = sorted(tp.load_registry().families)
+
+
+def _check(result):
+    assert result.logits_max_abs <= 1e-5, result.table()
+    assert result.worst_grad_rel <= 1e-4, result.table()
+    assert result.gathered_exact, result.gathered_mismatch
+    assert result.collectives_ok, result.table()
+    assert 1 <= result.per_block_forward <= 2, result.table()
+    assert 1 <= result.per_block_backward <= 2, result.table()
+    assert result.ok
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_tp2(family, pool2):
+    result = tp.verify(family, tp=2, pool=pool2)
+    _check(result)
+    assert result.param_bytes_per_rank < result.param_bytes_unsharded
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_tp4(family, pool4):
+    _check(tp.verify(family, tp=4, pool=pool4))
+
+
+def test_dense_families_cost_two_all_reduces_per_layer(pool2):
+    """Megatron's minimum: one all-reduce after attention and one after the MLP, forward and
+    backward; plus the embedding's all-reduce and the logits' all-gather in the forward, and
+    the lm_head input's all-reduce in the backward."""
+    result = tp.verify("llama", tp=2, pool=pool2)
+    assert result.per_block_forward == 2 and result.per_block_backward == 2
+    assert result.forward_collectives == {"all_reduce": 2 * result.blocks + 1, "all_gather": 1}
+    assert result.backward_collectives == {"all_reduce": 2 * result.blocks + 1}
+
+
+def test_other_sizes_than_the_registry_tiny_config(pool2, pool4):
+    """Sizes the registry's tiny config does not use: 3 layers, 12 heads of 16, 4 kv heads."""
+    sizes = dict(hidden_size=192, num_attention_heads=12, num_key_value_heads=4, head_dim=16,
+                 intermediate_size=320, num_hidden_layers=3, vocab_size=384)
+    _check(tp.verify("qwen3", tp=2, pool=pool2, config_overrides=sizes))
+    _check(tp.verify("mistral", tp=4, pool=pool4, config_overrides=sizes))
+
+
+def test_cohere_per_head_qk_norms(pool2):
+    """With use_qk_norm, Cohere's q/k LayerNorms hold a weight row per head (plans/cohere.py)."""
+    result = tp.verify("cohere", tp=2, pool=pool2, config_overrides={"use_qk_norm": True})
+    _check(result)
+    assert "head_norm" in result.report
