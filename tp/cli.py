@@ -23,6 +23,7 @@ def _plan(args) -> int:
     from . import sizes
     from .apply import resolve
     from .models import build, family_config
+    from .registry import load_registry
 
     target = Path(args.target)
     if target.is_dir():
@@ -32,7 +33,7 @@ def _plan(args) -> int:
         family = None
     else:
         config = family_config(args.target, tiny=args.tiny, registry=args.registry)
-        family = args.target
+        family = args.target if args.target in load_registry(args.registry).families else None
     model = build(config, device="meta")
     resolved = resolve(model, args.tp, family=family, allreduce=args.allreduce, keep=args.keep,
                        config=args.config, registry=args.registry, strict=args.strict)
@@ -59,13 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     plan = commands.add_parser("plan", help="dry run on the meta device: styles, sources, per-rank shapes")
-    plan.add_argument("target", help="a registry family (e.g. llama) or a local model directory with config.json")
+    plan.add_argument("target", help="a registry family (e.g. llama), any transformers model type, or a local model directory")
     plan.add_argument("--tiny", action="store_true", help="use the family's tiny test config, not its full size")
     _add_plan_options(plan)
     plan.set_defaults(run=_plan)
 
     verify = commands.add_parser("verify", help="shard a tiny model on CPU processes and compare with unsharded")
-    verify.add_argument("family", nargs="?", default="llama", help="registry family (default llama)")
+    verify.add_argument("family", nargs="?", default="llama", help="registry family or transformers model type (default llama)")
     verify.add_argument("--show-plan", action="store_true", help="print the plan report too")
     _add_plan_options(verify)
     verify.set_defaults(run=_verify)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import time
 import traceback
 from datetime import timedelta
 
@@ -44,8 +45,9 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
         fn, args, kwargs = task
         try:
             results.put((rank, True, fn(*args, **kwargs)))
-        except BaseException as e:  # the parent re-raises it with the traceback
-            results.put((rank, False, (type(e).__name__, str(e), traceback.format_exc())))
+        except BaseException as e:  # the parent re-raises it
+            results.put((rank, False, (e if isinstance(e, TPError) else None, type(e).__name__, str(e),
+                                       traceback.format_exc())))
     dist.destroy_process_group()
 
 
@@ -82,12 +84,9 @@ class WorkerPool:
         for q in self._tasks:
             q.put((fn, args, kwargs))
         results, failures = [None] * self.world_size, []
+        deadline = time.monotonic() + TASK_TIMEOUT_S
         for _ in range(self.world_size):
-            try:
-                rank, ok, value = self._results.get(timeout=TASK_TIMEOUT_S)
-            except queue.Empty:
-                self.close()
-                raise WorkerError(f"{fn.__name__} did not finish on every rank within {TASK_TIMEOUT_S}s") from None
+            rank, ok, value = self._next_result(fn, deadline)
             if ok:
                 results[rank] = value
             else:
@@ -95,11 +94,25 @@ class WorkerPool:
         if failures:
             # Ranks that failed at different points may leave the process group out of step.
             self.close()
-            rank, (name, message, tb) = min(failures)
-            error = WorkerError(f"rank {rank}: {name}: {message}")
+            rank, (tp_error, name, message, tb) = min(failures, key=lambda f: f[0])
+            if tp_error is not None:
+                raise tp_error  # bad input: the same clear error as in a single process
+            error = WorkerError(f"rank {rank}: {name}: {message}\n{tb}")
             error.remote_type, error.remote_message, error.remote_traceback = name, message, tb
             raise error
         return results
+
+    def _next_result(self, fn, deadline: float):
+        while time.monotonic() < deadline:
+            try:
+                return self._results.get(timeout=1)
+            except queue.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(self._procs) if not p.is_alive()]
+                if dead:
+                    self.close()
+                    raise WorkerError(f"{fn.__name__}: rank {dead[0][0]} exited with code {dead[0][1]}") from None
+        self.close()
+        raise WorkerError(f"{fn.__name__} did not finish on every rank within {TASK_TIMEOUT_S}s")
 
     def close(self) -> None:
         for q in getattr(self, "_tasks", []):

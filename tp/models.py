@@ -10,14 +10,20 @@ from torch import nn
 from .registry import load_registry
 
 
-def family_config(family: str, *, tiny: bool = True, registry: str | os.PathLike | None = None, **overrides):
-    """The family's HF config: tiny sizes from the registry, or the library's defaults (full size)."""
+def family_config(name: str, *, tiny: bool = True, registry: str | os.PathLike | None = None, **overrides):
+    """The HF config of a registry family, or of any transformers model type (whose plan will be
+    inferred): tiny sizes from the registry, or the library's defaults (full size)."""
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     reg = load_registry(registry)
-    reg.get(family)
-    sizes = reg.tiny_config(family) if tiny else {}
-    return AutoConfig.for_model(reg.model_type(family), **{**sizes, **overrides})
+    if name in reg.families:
+        sizes, model_type = reg.tiny_config(name), reg.model_type(name)
+    elif name in CONFIG_MAPPING_NAMES:
+        sizes, model_type = dict(reg.tiny), name
+    else:
+        reg.get(name)  # raises, naming the known families
+    return AutoConfig.for_model(model_type, **{**(sizes if tiny else {}), **overrides})
 
 
 def build(config, *, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:

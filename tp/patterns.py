@@ -32,7 +32,9 @@ def split_items(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
         return []
     if isinstance(value, str):
         value = value.split(",")
-    return [v.strip() for v in value if v and v.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of module-name patterns or one comma-separated string, found {value!r}")
+    return [v.strip() for v in value if v.strip()]
 
 
 def closest_names(pattern: str, paths: list[str], n: int = 3) -> list[str]:

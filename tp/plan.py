@@ -114,7 +114,9 @@ def infer_plan(model: nn.Module, registry: Registry) -> dict[str, Decision]:
             for path in sharded:
                 decisions.setdefault(path, Decision(path, COLWISE, "inferred"))
     names = {m: n for n, m in model.named_modules()}
-    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    # Hugging Face models say which modules are their embeddings; plain modules may not.
+    embed = getattr(model, "get_input_embeddings", lambda: None)()
+    head = getattr(model, "get_output_embeddings", lambda: None)()
     if isinstance(embed, nn.Embedding):
         decisions[names[embed]] = Decision(names[embed], StyleSpec("embedding"), "inferred")
     if isinstance(head, nn.Linear):
@@ -170,7 +172,8 @@ def resolve(
                     chosen[path] = (pattern, style)
         for path, (pattern, style) in chosen.items():
             decisions[path] = Decision(path, style, source.source, pattern)
-        _report_unmatched(source.allreduce + source.keep, used, linears, source.source, strict, problems)
+        _report_unmatched(source.allreduce + source.keep, used, linears, f"{source.source} (linears only)",
+                          strict, problems)
 
     for path, decision in decisions.items():
         decision.style.check_module(path, modules[path])

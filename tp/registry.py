@@ -195,7 +195,9 @@ def _describe(error: dict) -> str:
         where = f"key {'.'.join(loc) or '(top level)'!r}"
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        message = "unknown key; allowed keys are listed in README.md under 'Contributing a family'"
+        in_family = loc[:1] == ["families"] and len(loc) == 3
+        allowed = Family.model_fields if in_family else RegistryFile.model_fields
+        message = f"unknown key; allowed: {', '.join(allowed)}"
     found = error.get("input")
     return f"{where}: found {found!r}; {message}"
 

@@ -9,14 +9,13 @@ parameter's gradient and every gathered parameter. Collectives are counted with
 from __future__ import annotations
 
 import copy
-import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from .comm import CollectiveCounter
 from .launch import WorkerPool
 
 LOGITS_ATOL = 1e-5
@@ -91,14 +90,10 @@ class VerifyResult:
              f"({self.param_bytes_per_rank / self.param_bytes_unsharded:.2f})", "", ""),
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = [f"tp verify: family {self.family or '(custom model)'}, tp={self.tp}"]
+        lines = [f"tp verify: {self.family}, tp={self.tp}"]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows]
         lines.append("result: " + ("PASS" if self.ok else "FAIL"))
         return "\n".join(lines)
-
-
-def _short(op) -> str:
-    return str(op).split(".")[-1].removesuffix("_into_tensor").removesuffix("_tensor")
 
 
 def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -125,10 +120,10 @@ def _local_bytes(model: nn.Module) -> int:
 def _verify_rank(spec: VerifySpec) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.debug import CommDebugMode
 
     from .apply import apply
     from .models import build, family_config
+    from .registry import load_registry
 
     world = dist.get_world_size()
     if spec.model_factory is not None:
@@ -143,7 +138,8 @@ def _verify_rank(spec: VerifySpec) -> dict:
     unsharded_bytes = _local_bytes(reference)
 
     mesh = init_device_mesh("cpu", (world,))
-    report = apply(model, mesh, family=spec.family, **spec.apply_kwargs)
+    family = spec.family if spec.family in load_registry(spec.apply_kwargs.get("registry")).families else None
+    report = apply(model, mesh, family=family, **spec.apply_kwargs)
 
     gen = torch.Generator().manual_seed(spec.seed + 1)
     vocab = reference.get_input_embeddings().num_embeddings
@@ -151,13 +147,10 @@ def _verify_rank(spec: VerifySpec) -> dict:
 
     ref_out = reference(input_ids=ids, labels=ids)
     ref_out.loss.backward()
-    with warnings.catch_warnings():
-        # CommDebugMode's module tracker warns about HF's dataclass outputs; the counts are unaffected.
-        warnings.simplefilter("ignore", UserWarning)
-        with CommDebugMode() as fwd:
-            out = model(input_ids=ids, labels=ids)
-        with CommDebugMode() as bwd:
-            out.loss.backward()
+    with CollectiveCounter() as fwd:
+        out = model(input_ids=ids, labels=ids)
+    with CollectiveCounter() as bwd:
+        out.loss.backward()
 
     ref_grads = dict(reference.named_parameters())
     worst, worst_name = 0.0, ""
@@ -170,10 +163,9 @@ def _verify_rank(spec: VerifySpec) -> dict:
         if rel > worst or not worst_name:
             worst, worst_name = rel, name
     c = report.collectives
-    forward = Counter({_short(k): v for k, v in fwd.get_comm_counts().items()})
-    backward = Counter({_short(k): v for k, v in bwd.get_comm_counts().items()})
+    forward, backward = fwd.counts(), bwd.counts()
     return dict(
-        family=report.family, tp=world,
+        family=spec.family if report.family else f"{spec.family or 'custom model'} (plan inferred)", tp=world,
         logits_max_abs=(_full(out.logits) - ref_out.logits).abs().max().item(),
         worst_grad_rel=worst, worst_grad_param=worst_name,
         gathered_exact=not mismatched, gathered_mismatch=mismatched,
@@ -196,7 +188,8 @@ def verify(
     seed: int = 0,
     **apply_kwargs,
 ) -> VerifyResult:
-    """Shard a tiny model of ``family`` (or ``model_factory()``) over ``tp`` CPU processes and
+    """Shard a tiny model of ``family`` (a registry family, or any transformers model type, whose
+    plan is then inferred), or ``model_factory()``, over ``tp`` CPU processes and
     compare it with the unsharded model. Returns a VerifyResult; ``result.ok`` says whether
     logits, gradients, gathered parameters and collective counts all passed.
 
