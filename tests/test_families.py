@@ -58,3 +58,13 @@ def test_cohere_per_head_qk_norms(pool2):
     result = tp.verify("cohere", tp=2, pool=pool2, config_overrides={"use_qk_norm": True})
     _check(result)
     assert "head_norm" in result.report
+
+
+@pytest.mark.parametrize("model_type", ["phi", "gpt_neox"])
+def test_unregistered_decoder_gets_an_inferred_plan(model_type, pool2):
+    """No family claims these model types: AutoTP's rule infers the plan, and it is exact."""
+    assert model_type not in {t for f in tp.load_registry().families.values() for t in f.model_types}
+    result = tp.verify(model_type, tp=2, pool=pool2)
+    _check(result)
+    assert "inferred" in result.report
+    assert result.per_block_forward == 2 and result.per_block_backward == 2

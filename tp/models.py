@@ -32,7 +32,7 @@ def build(config, *, device: str | torch.device = "cpu", seed: int = 0) -> nn.Mo
 
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
 
 

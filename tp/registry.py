@@ -178,11 +178,11 @@ class Registry:
         if name not in self.families:
             from .patterns import closest_names
 
-            hint = closest_names(name, sorted(self.families))
+            hint = closest_names(name, sorted(self.families), n=1)
             raise PlanError(
                 f"no family {name!r} in the registry"
-                + (f"; did you mean {', '.join(hint)}?" if hint else "")
-                + f". Known families: {', '.join(sorted(self.families))}"
+                + (f" (did you mean {hint[0]}?)" if hint else "")
+                + f". Known families: {', '.join(sorted(self.families))}; a new one is added in registry.toml"
             )
         return self.families[name]
 
