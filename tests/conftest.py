@@ -2,6 +2,7 @@
 
 import pytest
 
+import tp.models
 from tp.launch import WorkerPool
 
 
@@ -15,3 +16,16 @@ def pool2():
 def pool4():
     with WorkerPool(4) as pool:
         yield pool
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    """Overrides in the developer's environment must not leak into the tests."""
+    for name in ("TP_REGISTRY", "TP_CONFIG", "ALLREDUCE_LINEAR_ITEMS", "KEEP_LINEAR_ITEMS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def llama_meta():
+    """A full-size default llama on the meta device: plans and sizes, no memory."""
+    return tp.models.build(tp.models.family_config("llama"), device="meta")

@@ -17,17 +17,6 @@ import tp.sizes
 from tp.styles import STYLES, StyleSpec
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    for name in ("TP_REGISTRY", "TP_CONFIG", "ALLREDUCE_LINEAR_ITEMS", "KEEP_LINEAR_ITEMS"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture(scope="module")
-def llama_meta():
-    return tp.models.build(tp.models.family_config("llama"), device="meta")
-
-
 def _has_dtensor(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 

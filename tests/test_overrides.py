@@ -19,17 +19,6 @@ from tp import report as report_
 LAYERS = (0, 1)
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    for name in ("TP_REGISTRY", "TP_CONFIG", "ALLREDUCE_LINEAR_ITEMS", "KEEP_LINEAR_ITEMS"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return tp.models.build(tp.models.family_config("llama"), device="meta")
-
-
 @pytest.fixture(scope="module")
 def neox():
     """An HF model of a type the registry does not know: its plan is inferred."""
@@ -61,9 +50,9 @@ def family_default(resolved, path):
 # Each source on its own
 
 
-def test_environment_allreduce_makes_rowwise(llama, monkeypatch):
+def test_environment_allreduce_makes_rowwise(llama_meta, monkeypatch):
     monkeypatch.setenv("ALLREDUCE_LINEAR_ITEMS", "q_proj")
-    resolved = tp.resolve(llama, 2)
+    resolved = tp.resolve(llama_meta, 2)
     for i in LAYERS:
         d = resolved.decisions[f"model.layers.{i}.self_attn.q_proj"]
         assert (str(d.style), d.source, d.pattern) == ("rowwise", "environment", "q_proj")
@@ -72,9 +61,9 @@ def test_environment_allreduce_makes_rowwise(llama, monkeypatch):
         assert family_default(resolved, f"model.layers.{i}.mlp.down_proj") == ("rowwise", "family llama")
 
 
-def test_environment_keep_makes_keep(llama, monkeypatch):
+def test_environment_keep_makes_keep(llama_meta, monkeypatch):
     monkeypatch.setenv("KEEP_LINEAR_ITEMS", " gate_proj , up_proj,, ")
-    resolved = tp.resolve(llama, 2)
+    resolved = tp.resolve(llama_meta, 2)
     for i in LAYERS:
         for name in ("gate_proj", "up_proj"):
             d = resolved.decisions[f"model.layers.{i}.mlp.{name}"]
@@ -84,8 +73,8 @@ def test_environment_keep_makes_keep(llama, monkeypatch):
 
 
 @pytest.mark.parametrize("keep", ["lm_head, o_proj", ["lm_head", "o_proj"], ("lm_head", " o_proj ")])
-def test_argument_accepts_string_or_list(llama, keep):
-    resolved = tp.resolve(llama, 2, keep=keep, allreduce="q_proj")
+def test_argument_accepts_string_or_list(llama_meta, keep):
+    resolved = tp.resolve(llama_meta, 2, keep=keep, allreduce="q_proj")
     assert (style(resolved, "lm_head"), source(resolved, "lm_head")) == ("keep", "argument")
     for i in LAYERS:
         assert (style(resolved, f"model.layers.{i}.self_attn.o_proj"),
@@ -94,29 +83,29 @@ def test_argument_accepts_string_or_list(llama, keep):
                 source(resolved, f"model.layers.{i}.self_attn.q_proj")) == ("rowwise", "argument")
 
 
-def test_config_file_argument(llama, tmp_path):
+def test_config_file_argument(llama_meta, tmp_path):
     path = write_config(tmp_path / "overrides.toml", """
         allreduce_linear_items = ["up_proj"]
         keep_linear_items = "lm_head"
         """)
-    resolved = tp.resolve(llama, 2, config=path)
+    resolved = tp.resolve(llama_meta, 2, config=path)
     assert (style(resolved, "lm_head"), source(resolved, "lm_head")) == ("keep", "config file overrides.toml")
     d = resolved.decisions["model.layers.1.mlp.up_proj"]
     assert (str(d.style), d.source, d.pattern) == ("rowwise", "config file overrides.toml", "up_proj")
 
 
-def test_config_file_from_environment(llama, tmp_path, monkeypatch):
+def test_config_file_from_environment(llama_meta, tmp_path, monkeypatch):
     path = write_config(tmp_path / "from_env.toml", 'keep_linear_items = ["lm_head"]\n')
     monkeypatch.setenv("TP_CONFIG", str(path))
-    resolved = tp.resolve(llama, 2)
+    resolved = tp.resolve(llama_meta, 2)
     assert (style(resolved, "lm_head"), source(resolved, "lm_head")) == ("keep", "config file from_env.toml")
 
 
-def test_config_argument_replaces_config_environment(llama, tmp_path, monkeypatch):
+def test_config_argument_replaces_config_environment(llama_meta, tmp_path, monkeypatch):
     env_path = write_config(tmp_path / "env.toml", 'keep_linear_items = ["lm_head"]\n')
     arg_path = write_config(tmp_path / "arg.toml", 'keep_linear_items = ["down_proj"]\n')
     monkeypatch.setenv("TP_CONFIG", str(env_path))
-    resolved = tp.resolve(llama, 2, config=arg_path)
+    resolved = tp.resolve(llama_meta, 2, config=arg_path)
     assert source(resolved, "model.layers.0.mlp.down_proj") == "config file arg.toml"
     assert family_default(resolved, "lm_head") == ("lm_head", "family llama")
 
@@ -141,7 +130,7 @@ PRECEDENCE = [
 
 @pytest.mark.parametrize("active, expected_style, expected_source", PRECEDENCE,
                          ids=["+".join(p[0]) or "family" for p in PRECEDENCE])
-def test_precedence(llama, tmp_path, monkeypatch, active, expected_style, expected_source):
+def test_precedence(llama_meta, tmp_path, monkeypatch, active, expected_style, expected_source):
     kwargs = {}
     if "config" in active:
         kwargs["config"] = write_config(tmp_path / "prec.toml", 'keep_linear_items = ["q_proj"]\n')
@@ -149,20 +138,20 @@ def test_precedence(llama, tmp_path, monkeypatch, active, expected_style, expect
         monkeypatch.setenv("ALLREDUCE_LINEAR_ITEMS", "self_attn.q_proj")
     if "argument" in active:
         kwargs["keep"] = "layers.*.self_attn.q_proj"
-    resolved = tp.resolve(llama, 2, **kwargs)
+    resolved = tp.resolve(llama_meta, 2, **kwargs)
     assert (style(resolved, Q), source(resolved, Q)) == (expected_style, expected_source)
     # The report shows the same decision.
-    report = report_.build(llama, resolved, 2)
+    report = report_.build(llama_meta, resolved, 2)
     assert (report.style_of(Q), report.source_of(Q)) == (expected_style, expected_source)
 
 
-def test_each_source_decides_only_what_it_matches(llama, tmp_path, monkeypatch):
+def test_each_source_decides_only_what_it_matches(llama_meta, tmp_path, monkeypatch):
     config = write_config(tmp_path / "c.toml", """
         keep_linear_items = ["q_proj", "k_proj", "v_proj"]
         """)
     monkeypatch.setenv("ALLREDUCE_LINEAR_ITEMS", "k_proj")
     monkeypatch.setenv("KEEP_LINEAR_ITEMS", "gate_proj")
-    resolved = tp.resolve(llama, 2, config=config, allreduce="v_proj")
+    resolved = tp.resolve(llama_meta, 2, config=config, allreduce="v_proj")
     prefix = "model.layers.1"
     assert family_default(resolved, f"{prefix}.self_attn.q_proj") == ("keep", "config file c.toml")
     assert family_default(resolved, f"{prefix}.self_attn.k_proj") == ("rowwise", "environment")
@@ -173,10 +162,10 @@ def test_each_source_decides_only_what_it_matches(llama, tmp_path, monkeypatch):
     assert resolved.warnings == []
 
 
-def test_conflict_across_sources_is_resolved_by_precedence(llama, monkeypatch):
+def test_conflict_across_sources_is_resolved_by_precedence(llama_meta, monkeypatch):
     # The same linear in different sources is no error: the higher source wins.
     monkeypatch.setenv("ALLREDUCE_LINEAR_ITEMS", "lm_head")
-    resolved = tp.resolve(llama, 2, keep="lm_head")
+    resolved = tp.resolve(llama_meta, 2, keep="lm_head")
     assert family_default(resolved, "lm_head") == ("keep", "argument")
 
 
@@ -248,8 +237,8 @@ def test_overrides_beat_inferred_plan_of_plain_module(monkeypatch):
     ("model.layers.1.self_attn.k_proj", {"model.layers.1.self_attn.k_proj"}),
     ("lm_head", {"lm_head"}),
 ])
-def test_pattern_matching(llama, pattern, expected):
-    resolved = tp.resolve(llama, 2, keep=pattern)
+def test_pattern_matching(llama_meta, pattern, expected):
+    resolved = tp.resolve(llama_meta, 2, keep=pattern)
     kept = {p for p, d in resolved.decisions.items() if d.source == "argument"}
     assert kept == expected
     assert all(style(resolved, p) == "keep" and resolved.decisions[p].pattern == pattern for p in kept)
@@ -257,10 +246,10 @@ def test_pattern_matching(llama, pattern, expected):
 
 
 @pytest.mark.parametrize("pattern", ["proj", "_proj", "self_attn.o", "layers.2.self_attn.o_proj", "x.model.lm_head"])
-def test_pattern_parts_match_whole_names(llama, pattern):
+def test_pattern_parts_match_whole_names(llama_meta, pattern):
     # A pattern's parts match whole path parts, never substrings; so these match nothing.
     with pytest.warns(UserWarning, match="matches no module"):
-        resolved = tp.resolve(llama, 2, keep=pattern)
+        resolved = tp.resolve(llama_meta, 2, keep=pattern)
     assert not any(d.source == "argument" for d in resolved.decisions.values())
 
 
@@ -269,7 +258,7 @@ def test_pattern_parts_match_whole_names(llama, pattern):
 
 
 @pytest.mark.parametrize("where", ["argument", "environment", "config"])
-def test_unmatched_pattern_warns_with_closest_names(llama, tmp_path, monkeypatch, where):
+def test_unmatched_pattern_warns_with_closest_names(llama_meta, tmp_path, monkeypatch, where):
     kwargs = {}
     if where == "argument":
         kwargs["allreduce"] = "o_prj"
@@ -281,7 +270,7 @@ def test_unmatched_pattern_warns_with_closest_names(llama, tmp_path, monkeypatch
         kwargs["config"] = write_config(tmp_path / "typo.toml", 'allreduce_linear_items = ["o_prj"]\n')
         expected_source = "config file typo.toml"
     with pytest.warns(UserWarning) as record:
-        resolved = tp.resolve(llama, 2, **kwargs)
+        resolved = tp.resolve(llama_meta, 2, **kwargs)
     messages = [str(w.message) for w in record if "o_prj" in str(w.message)]
     assert len(messages) == 1, [str(w.message) for w in record]
     message = messages[0]
@@ -293,20 +282,20 @@ def test_unmatched_pattern_warns_with_closest_names(llama, tmp_path, monkeypatch
     assert message in resolved.warnings
 
 
-def test_unmatched_pattern_warning_points_at_caller(llama):
+def test_unmatched_pattern_warning_points_at_caller(llama_meta):
     with pytest.warns(UserWarning, match="o_prj") as record:
-        tp.resolve(llama, 2, keep="o_prj")
+        tp.resolve(llama_meta, 2, keep="o_prj")
     assert any(Path(w.filename).name == Path(__file__).name for w in record)
 
 
-def test_matched_and_unmatched_patterns_together(llama):
+def test_matched_and_unmatched_patterns_together(llama_meta):
     with pytest.warns(UserWarning, match="'down_prj'"):
-        resolved = tp.resolve(llama, 2, keep="lm_head, down_prj")
+        resolved = tp.resolve(llama_meta, 2, keep="lm_head, down_prj")
     assert family_default(resolved, "lm_head") == ("keep", "argument")
 
 
 @pytest.mark.parametrize("where", ["argument", "environment", "config"])
-def test_unmatched_pattern_strict_raises(llama, tmp_path, monkeypatch, where):
+def test_unmatched_pattern_strict_raises(llama_meta, tmp_path, monkeypatch, where):
     kwargs = {"strict": True}
     if where == "argument":
         kwargs["keep"] = "lm_haed"
@@ -315,13 +304,13 @@ def test_unmatched_pattern_strict_raises(llama, tmp_path, monkeypatch, where):
     else:
         kwargs["config"] = write_config(tmp_path / "strict.toml", 'keep_linear_items = ["lm_haed"]\n')
     with pytest.raises(tp.PlanError) as info:
-        tp.resolve(llama, 2, **kwargs)
+        tp.resolve(llama_meta, 2, **kwargs)
     message = str(info.value)
     assert "'lm_haed'" in message and "matches no module" in message and "lm_head" in message
     assert "strict" in message
 
 
-def test_strict_family_pattern_that_matches_nothing(llama, tmp_path):
+def test_strict_family_pattern_that_matches_nothing(llama_meta, tmp_path):
     registry = tmp_path / "registry.toml"
     registry.write_text(textwrap.dedent("""
         [families.mine]
@@ -331,36 +320,36 @@ def test_strict_family_pattern_that_matches_nothing(llama, tmp_path):
         "layers.*.mlp.gate_prj" = "colwise"
         """))
     with pytest.warns(UserWarning, match="gate_prj"):
-        tp.resolve(llama, 2, registry=registry)
+        tp.resolve(llama_meta, 2, registry=registry)
     with pytest.raises(tp.PlanError, match="family 'mine'.*gate_prj"):
-        tp.resolve(llama, 2, registry=registry, strict=True)
+        tp.resolve(llama_meta, 2, registry=registry, strict=True)
 
 
-def test_same_linear_in_both_lists_of_arguments(llama):
+def test_same_linear_in_both_lists_of_arguments(llama_meta):
     with pytest.raises(tp.PlanError) as info:
-        tp.resolve(llama, 2, allreduce="o_proj", keep="layers.*.self_attn.o_proj")
+        tp.resolve(llama_meta, 2, allreduce="o_proj", keep="layers.*.self_attn.o_proj")
     message = str(info.value)
     assert message.startswith("argument")
     assert "self_attn.o_proj" in message and "'o_proj'" in message and "'layers.*.self_attn.o_proj'" in message
     assert "both" in message
 
 
-def test_same_linear_in_both_lists_of_environment(llama, monkeypatch):
+def test_same_linear_in_both_lists_of_environment(llama_meta, monkeypatch):
     monkeypatch.setenv("ALLREDUCE_LINEAR_ITEMS", "down_proj")
     monkeypatch.setenv("KEEP_LINEAR_ITEMS", "mlp.*")
     with pytest.raises(tp.PlanError) as info:
-        tp.resolve(llama, 2)
+        tp.resolve(llama_meta, 2)
     message = str(info.value)
     assert message.startswith("environment") and "mlp.down_proj" in message and "both" in message
 
 
-def test_same_linear_in_both_lists_of_config_file(llama, tmp_path):
+def test_same_linear_in_both_lists_of_config_file(llama_meta, tmp_path):
     path = write_config(tmp_path / "both.toml", """
         allreduce_linear_items = ["lm_head"]
         keep_linear_items = ["lm_head"]
         """)
     with pytest.raises(tp.PlanError) as info:
-        tp.resolve(llama, 2, config=path)
+        tp.resolve(llama_meta, 2, config=path)
     message = str(info.value)
     assert "config file both.toml" in message and "lm_head" in message and "both" in message
 
@@ -370,30 +359,30 @@ def test_same_linear_in_both_lists_of_config_file(llama, tmp_path):
     ('keep_linear_items = ["lm_head"]\nstrict = true\n', "strict"),
     ('KEEP_LINEAR_ITEMS = "lm_head"\n', "KEEP_LINEAR_ITEMS"),
 ])
-def test_bad_config_file_key(llama, tmp_path, text, key):
+def test_bad_config_file_key(llama_meta, tmp_path, text, key):
     path = write_config(tmp_path / "bad.toml", text)
     with pytest.raises(tp.PlanError) as info:
-        tp.resolve(llama, 2, config=path)
+        tp.resolve(llama_meta, 2, config=path)
     message = str(info.value)
     assert str(path) in message and key in message
     assert "allreduce_linear_items" in message and "keep_linear_items" in message
 
 
-def test_bad_config_file_value(llama, tmp_path):
+def test_bad_config_file_value(llama_meta, tmp_path):
     path = write_config(tmp_path / "bad.toml", "keep_linear_items = 3\n")
     with pytest.raises(tp.PlanError) as info:
-        tp.resolve(llama, 2, config=path)
+        tp.resolve(llama_meta, 2, config=path)
     assert str(path) in str(info.value) and "keep_linear_items" in str(info.value)
 
 
-def test_config_file_not_toml_or_missing(llama, tmp_path):
+def test_config_file_not_toml_or_missing(llama_meta, tmp_path):
     path = write_config(tmp_path / "broken.toml", "keep_linear_items = [\n")
     with pytest.raises(tp.PlanError, match="not valid TOML") as info:
-        tp.resolve(llama, 2, config=path)
+        tp.resolve(llama_meta, 2, config=path)
     assert str(path) in str(info.value)
     missing = tmp_path / "missing.toml"
     with pytest.raises(tp.PlanError, match="does not exist") as info:
-        tp.resolve(llama, 2, config=missing)
+        tp.resolve(llama_meta, 2, config=missing)
     assert str(missing) in str(info.value)
 
 

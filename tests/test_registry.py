@@ -25,17 +25,6 @@ LLAMA_LINEARS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    for name in ("TP_REGISTRY", "TP_CONFIG", "ALLREDUCE_LINEAR_ITEMS", "KEEP_LINEAR_ITEMS"):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture(scope="module")
-def llama_meta():
-    return tp.models.build(tp.models.family_config("llama"), device="meta")
-
-
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(text))
