@@ -5,7 +5,6 @@ Models like this need their per-rank head count divided (the registry's ``divide
 
 from types import SimpleNamespace
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
