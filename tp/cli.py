@@ -22,8 +22,7 @@ def _plan(args) -> int:
     from . import report as report_
     from . import sizes
     from .apply import resolve
-    from .models import build, family_config
-    from .registry import load_registry
+    from .models import build, family_config, registered_family
 
     target = Path(args.target)
     if target.is_dir():
@@ -33,7 +32,7 @@ def _plan(args) -> int:
         family = None
     else:
         config = family_config(args.target, tiny=args.tiny, registry=args.registry)
-        family = args.target if args.target in load_registry(args.registry).families else None
+        family = registered_family(args.target, args.registry)
     model = build(config, device="meta")
     resolved = resolve(model, args.tp, family=family, allreduce=args.allreduce, keep=args.keep,
                        config=args.config, registry=args.registry, strict=args.strict)

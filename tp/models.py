@@ -10,6 +10,11 @@ from torch import nn
 from .registry import load_registry
 
 
+def registered_family(name: str | None, registry: str | os.PathLike | None = None) -> str | None:
+    """``name`` if the registry has such a family; None for a bare transformers model type."""
+    return name if name in load_registry(registry).families else None
+
+
 def family_config(name: str, *, tiny: bool = True, registry: str | os.PathLike | None = None, **overrides):
     """The HF config of a registry family, or of any transformers model type (whose plan will be
     inferred): tiny sizes from the registry, or the library's defaults (full size)."""
@@ -17,7 +22,7 @@ def family_config(name: str, *, tiny: bool = True, registry: str | os.PathLike |
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     reg = load_registry(registry)
-    if name in reg.families:
+    if registered_family(name, registry):
         sizes, model_type = reg.tiny_config(name), reg.model_type(name)
     elif name in CONFIG_MAPPING_NAMES:
         sizes, model_type = dict(reg.tiny), name

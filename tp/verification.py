@@ -128,8 +128,7 @@ def _verify_rank(spec: VerifySpec) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     from .apply import apply
-    from .models import build, family_config
-    from .registry import load_registry
+    from .models import build, family_config, registered_family
 
     world = dist.get_world_size()
     if spec.model_factory is not None:
@@ -144,7 +143,7 @@ def _verify_rank(spec: VerifySpec) -> dict:
     unsharded_bytes = _local_bytes(reference)
 
     mesh = init_device_mesh("cpu", (world,))
-    family = spec.family if spec.family in load_registry(spec.apply_kwargs.get("registry")).families else None
+    family = registered_family(spec.family, spec.apply_kwargs.get("registry"))
     report = apply(model, mesh, family=family, **spec.apply_kwargs)
 
     gen = torch.Generator().manual_seed(spec.seed + 1)
