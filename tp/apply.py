@@ -14,6 +14,8 @@ from . import plan as plan_
 from . import report as report_
 from . import sizes
 from .errors import AlreadyShardedError, MeshError, PlanError
+from .gather import is_sharded
+from .heads import set_local_counts
 from .registry import load_registry
 from .styles import StyleSpec
 
@@ -59,9 +61,9 @@ def _check_mesh(mesh: DeviceMesh) -> int:
 
 def _check_not_sharded(model: nn.Module) -> None:
     for name, param in model.named_parameters():
-        if isinstance(param, DTensor):
+        if is_sharded(param):
             raise AlreadyShardedError(
-                f"{type(model).__name__} is already sharded (parameter {name} is a DTensor); "
+                f"{type(model).__name__} is already sharded (parameter {name} is sharded); "
                 "tp.apply takes an unsharded model: build or load a fresh one"
             )
 
@@ -126,8 +128,15 @@ def apply(
     sizes.check(model, resolved, tp)
     report = report_.build(model, resolved, tp)
     ties = _tied_groups(model)
-    parallelize_module(model, mesh, resolved.styles())
+    heads = resolved.heads
+    parallelize_module(model, mesh, resolved.styles(model))
     _retie(model, ties)
     if resolved.family:
-        sizes.divide_attributes(model, load_registry(registry).inherited(resolved.family, "divide"), tp)
+        reg = load_registry(registry)
+        sizes.divide_attributes(model, reg.inherited(resolved.family, "divide"), tp)
+        counts = reg.inherited(resolved.family, "local_heads")
+        if counts and heads is None:
+            raise PlanError(f"family {resolved.family!r} sets local_heads, but the model's config names no heads")
+        if counts:
+            set_local_counts(model, counts, heads, tp)
     return report

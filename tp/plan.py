@@ -16,9 +16,8 @@ from .errors import PlanError
 from .overrides import Overrides
 from .patterns import closest_names, matches, specificity
 from .registry import Registry
-from .styles import StyleSpec
-
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
+from .heads import Heads, heads_of
+from .styles import LINEAR_TYPES, StyleSpec
 
 ROWWISE = StyleSpec("rowwise")
 COLWISE = StyleSpec("colwise")
@@ -39,9 +38,11 @@ class ResolvedPlan:
     family: str | None
     decisions: dict[str, Decision]
     warnings: list[str] = field(default_factory=list)
+    heads: Heads | None = None
 
-    def styles(self):
-        return {path: d.style.build() for path, d in self.decisions.items()}
+    def styles(self, model: nn.Module):
+        return {path: d.style.build(heads=self.heads, module=model.get_submodule(path))
+                for path, d in self.decisions.items()}
 
     def with_style(self, path: str, style: StyleSpec) -> None:
         self.decisions[path] = Decision(path, style, self.decisions[path].source, self.decisions[path].pattern)
@@ -188,4 +189,5 @@ def resolve(
         decisions[block] = Decision(block, BLOCK_INPUT, "derived")
 
     ordered = {p: decisions[p] for p in paths if p in decisions}
-    return ResolvedPlan(family, ordered, problems)
+    keys = registry.inherited(family, "heads") if family else None
+    return ResolvedPlan(family, ordered, problems, heads_of(getattr(model, "config", None), keys))

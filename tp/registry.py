@@ -12,7 +12,7 @@ import os
 import tomllib
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -37,6 +37,7 @@ def _style(value: Any) -> StyleSpec:
 
 Style = Annotated[StyleSpec, BeforeValidator(_style)]
 Patterns = Annotated[list[str], BeforeValidator(split_items)]
+LocalCount = Literal["q", "kv", "groups", "q_features", "kv_features"]
 
 
 class Family(BaseModel):
@@ -54,6 +55,12 @@ class Family(BaseModel):
     divide: Patterns = Field(
         default_factory=list, description="'module_pattern.attribute' head counts divided per rank"
     )
+    heads: dict[Literal["q", "kv", "dim"], str] = Field(
+        default_factory=dict, description="config attributes holding the query/kv head counts and head size")
+    local_heads: dict[str, LocalCount] = Field(
+        default_factory=dict,
+        description="'module_pattern.attribute' -> what it counts (q, kv, groups, q_features, kv_features); "
+                    "set to the per-rank value after sharding")
     python_plan: str | None = Field(None, description="file, relative to the registry, defining plan(model)")
     tiny: dict[str, Any] = Field(default_factory=dict, description="config overrides for a tiny test model")
 

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .plan import ResolvedPlan, find_blocks
-from .sizes import local_shape, sharded_dims
+from .heads import Heads
+from .sizes import layouts, local_shape, sharded_dims
+from .styles import StyleSpec
 
 
 @dataclass(frozen=True)
@@ -73,12 +75,14 @@ class Report:
         return "\n".join(lines)
 
 
-def _shapes(module: nn.Module, style: str, tp: int) -> str:
-    dims = sharded_dims(style, module)
+def _shapes(module: nn.Module, style: StyleSpec | None, tp: int, heads: Heads | None) -> str:
+    by_layout = (layouts(style, module, heads) if style else None) or {}
+    dims = sharded_dims(style.name, module) if style else {}
     parts = []
     for name, param in module.named_parameters(recurse=False):
         shape = tuple(param.shape)
-        parts.append(f"{name} {list(shape)} -> {list(local_shape(shape, dims.get(name), tp))}")
+        layout, dim = by_layout.get(name, (None, dims.get(name)))
+        parts.append(f"{name} {list(shape)} -> {list(local_shape(shape, dim, tp, layout))}")
     return "; ".join(parts)
 
 
@@ -107,6 +111,7 @@ def expected_collectives(model: nn.Module, plan: ResolvedPlan) -> Collectives:
 
 def build(model: nn.Module, plan: ResolvedPlan, tp: int, problems: list[str] = ()) -> Report:
     rows = []
+    heads = plan.heads
     for path, module in model.named_modules():
         if not path:
             continue
@@ -119,5 +124,5 @@ def build(model: nn.Module, plan: ResolvedPlan, tp: int, problems: list[str] = (
         else:
             style, source = str(decision.style), decision.source
         rows.append(Row(path, type(module).__name__, style, source,
-                        _shapes(module, decision.style.name if decision else "", tp)))
+                        _shapes(module, decision.style if decision else None, tp, heads)))
     return Report(plan.family, tp, rows, expected_collectives(model, plan), list(plan.warnings), list(problems))

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
 from torch import nn
 
 from .errors import SizeError
+from .heads import Heads
+from .layout_styles import ColwiseLayout
+from .layouts import Layout
 from .plan import ResolvedPlan
+from .styles import StyleSpec
 
 # style -> parameter name -> sharded dimension, for the module types the style supports.
 SHARDED_DIMS: dict[str, dict[type, dict[str, int]]] = {
@@ -18,6 +21,14 @@ SHARDED_DIMS: dict[str, dict[type, dict[str, int]]] = {
     "rowwise": {nn.Linear: {"weight": 1}},
     "embedding": {nn.Embedding: {"weight": 0}},
 }
+
+
+def layouts(style: StyleSpec, module: nn.Module, heads: Heads | None) -> dict[str, tuple[Layout, int]] | None:
+    """Parameter -> (layout, dim) for styles that shard by a layout, else None."""
+    if style.name not in ("colwise", "rowwise"):
+        return None
+    built = style.build(heads=heads, module=module)
+    return built.layouts(module) if isinstance(built, ColwiseLayout) else None
 
 
 def sharded_dims(style: str, module: nn.Module) -> dict[str, int]:
@@ -29,10 +40,11 @@ def sharded_dims(style: str, module: nn.Module) -> dict[str, int]:
     return {}
 
 
-def local_shape(shape: tuple[int, ...], dim: int | None, tp: int) -> tuple[int, ...]:
+def local_shape(shape: tuple[int, ...], dim: int | None, tp: int, layout: Layout | None = None) -> tuple[int, ...]:
     if dim is None:
         return tuple(shape)
-    return tuple(s // tp if i == dim else s for i, s in enumerate(shape))
+    size = len(layout.rows(tp, 0)) if layout is not None else shape[dim] // tp
+    return tuple(size if i == dim else s for i, s in enumerate(shape))
 
 
 @dataclass(frozen=True)
@@ -47,11 +59,16 @@ def _head_dim(parent: nn.Module | None) -> int | None:
     return head_dim if isinstance(head_dim, int) and head_dim > 0 else None
 
 
-def constraints(model: nn.Module, plan: ResolvedPlan) -> list[Constraint]:
-    """Every quantity that must divide by the TP size for the plan to be correct."""
-    found = []
+def constraints(model: nn.Module, plan: ResolvedPlan) -> tuple[list[Constraint], list[tuple[str, Layout]]]:
+    """Every quantity that must divide by the TP size, and every layout whose parts must split."""
+    found, laid_out = [], []
+    heads = plan.heads
     for path, decision in plan.decisions.items():
         module = model.get_submodule(path)
+        by_layout = layouts(decision.style, module, heads)
+        if by_layout is not None:
+            laid_out += [(f"{path}.{name}", layout) for name, (layout, _) in by_layout.items()]
+            continue
         parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else None
         for name, dim in sharded_dims(decision.style.name, module).items():
             param = getattr(module, name, None)
@@ -63,30 +80,28 @@ def constraints(model: nn.Module, plan: ResolvedPlan) -> list[Constraint]:
             # In attention, a shard must hold whole heads, not just a whole number of features.
             if name == "weight" and head_dim and size % head_dim == 0 and isinstance(module, nn.Linear):
                 found.append(Constraint(path, f"heads ({size} / head_dim {head_dim})", size // head_dim))
-    return found
-
-
-def working_sizes(values: list[int], up_to: int = 64) -> list[int]:
-    g = 0
-    for v in values:
-        g = math.gcd(g, v)
-    return [n for n in range(1, up_to + 1) if g % n == 0] if g else list(range(1, up_to + 1))
+    return found, laid_out
 
 
 def _collapse(path: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", path)
 
 
-def problems(model: nn.Module, plan: ResolvedPlan, tp: int) -> tuple[list[str], list[int]]:
-    """Lines describing each quantity that does not divide by ``tp``, and the sizes that work."""
-    found = constraints(model, plan)
+def _lines(found: list[Constraint], laid_out: list[tuple[str, Layout]], tp: int) -> list[str]:
     lines = []
     for c in found:
         if c.value % tp:
-            line = f"{_collapse(c.module)}: {c.what} = {c.value} does not divide by tp={tp}"
-            if line not in lines:
-                lines.append(line)
-    return lines, working_sizes([c.value for c in found])
+            lines.append(f"{_collapse(c.module)}: {c.what} = {c.value} does not divide by tp={tp}")
+    for path, layout in laid_out:
+        lines += [f"{_collapse(path)}: {problem}" for problem in layout.problems(tp)]
+    return list(dict.fromkeys(lines))
+
+
+def problems(model: nn.Module, plan: ResolvedPlan, tp: int) -> tuple[list[str], list[int]]:
+    """Lines describing each quantity that does not divide by ``tp``, and the sizes (up to 64) that work."""
+    found, laid_out = constraints(model, plan)
+    working = [n for n in range(1, 65) if not _lines(found, laid_out, n)]
+    return _lines(found, laid_out, tp), working
 
 
 def check(model: nn.Module, plan: ResolvedPlan, tp: int) -> None:
@@ -94,7 +109,7 @@ def check(model: nn.Module, plan: ResolvedPlan, tp: int) -> None:
     if lines:
         raise SizeError(
             "cannot shard at tp={}:\n  {}\nTP sizes that divide every sharded size of this model: {}".format(
-                tp, "\n  ".join(lines), ", ".join(map(str, sizes)))
+                tp, "\n  ".join(lines), ", ".join(map(str, sizes)) or "none up to 64")
         )
 
 

@@ -26,6 +26,8 @@ from torch.distributed.tensor.parallel import (
 )
 
 from .errors import PlanError
+from .heads import Heads
+from .layout_styles import UNITS, ColwiseLayout, Conv1D, RowwiseLayout
 
 
 class KeepWhole(ParallelStyle):
@@ -150,13 +152,23 @@ class HeadNorm(ParallelStyle):
         return f"HeadNorm(head_dim={self.head_dim})"
 
 
-def colwise() -> ParallelStyle:
-    """Output features sharded; input replicated (torch's ColwiseParallel)."""
+def _needs_layout(module: nn.Module | None, parts, unit: str) -> bool:
+    return parts != 1 or unit != "row" or (module is not None and not isinstance(module, (nn.Linear, nn.Embedding)))
+
+
+def colwise(*, parts=1, unit: str = "row", heads: Heads | None = None, module: nn.Module | None = None) -> ParallelStyle:
+    """Output features sharded; input replicated (torch's ColwiseParallel, or ColwiseLayout for
+    fused/packed weights given ``parts``/``unit``, and for GPT-2's Conv1D)."""
+    if _needs_layout(module, parts, unit):
+        return ColwiseLayout(parts=parts, unit=unit, heads=heads)
     return ColwiseParallel()
 
 
-def rowwise() -> ParallelStyle:
-    """Input features sharded; partial outputs all-reduced (torch's RowwiseParallel)."""
+def rowwise(*, parts=1, unit: str = "row", heads: Heads | None = None, module: nn.Module | None = None) -> ParallelStyle:
+    """Input features sharded; partial outputs all-reduced (torch's RowwiseParallel, or
+    RowwiseLayout for permuted inputs given ``parts``/``unit``, and for GPT-2's Conv1D)."""
+    if _needs_layout(module, parts, unit):
+        return RowwiseLayout(parts=parts, unit=unit, heads=heads)
     return RowwiseParallel()
 
 
@@ -197,6 +209,13 @@ def block_input(*, kwarg: str = "hidden_states") -> ParallelStyle:
     return ReplicateBlockInput(kwarg=kwarg)
 
 
+# Modules that compute ``x @ W^T + b``, whatever the weight's storage order.
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+
+# Arguments that tp.apply supplies from the model; a plan never writes them.
+CONTEXT_ARGS = ("heads", "module")
+
+
 @dataclass(frozen=True)
 class StyleDef:
     name: str
@@ -211,8 +230,8 @@ class StyleDef:
 STYLES: dict[str, StyleDef] = {
     s.name: s
     for s in (
-        StyleDef("colwise", colwise, (nn.Linear, nn.Embedding)),
-        StyleDef("rowwise", rowwise, (nn.Linear,)),
+        StyleDef("colwise", colwise, (*LINEAR_TYPES, nn.Embedding)),
+        StyleDef("rowwise", rowwise, LINEAR_TYPES),
         StyleDef("keep", keep, ()),
         StyleDef("embedding", embedding, (nn.Embedding,)),
         StyleDef("lm_head", lm_head, (nn.Linear,)),
@@ -221,6 +240,17 @@ STYLES: dict[str, StyleDef] = {
         StyleDef("block_input", block_input, ()),
     )
 }
+
+
+def _check_layout_args(name: str, args: dict[str, Any]) -> None:
+    parts, unit = args.get("parts", 1), args.get("unit", "row")
+    if isinstance(parts, tuple):
+        if not parts or any(p not in ("q", "kv") for p in parts):
+            raise ValueError(f"style {name!r}: parts must be a number or a list of 'q' and 'kv', found {list(parts)}")
+    elif not isinstance(parts, int) or isinstance(parts, bool) or parts < 1:
+        raise ValueError(f"style {name!r}: parts must be a positive number or a list of 'q' and 'kv', found {parts!r}")
+    if unit not in UNITS:
+        raise ValueError(f"style {name!r}: unit must be one of {', '.join(UNITS)}, found {unit!r}")
 
 
 @dataclass(frozen=True)
@@ -242,15 +272,20 @@ class StyleSpec:
             raise ValueError(f"expected a style name or a table with a 'style' key, found {value!r}")
         if name not in STYLES:
             raise ValueError(f"unknown style {name!r}; allowed: {', '.join(STYLES)}")
-        params = inspect.signature(STYLES[name].build).parameters
+        args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}  # hashable
+        _check_layout_args(name, args)
+        params = [p for p in inspect.signature(STYLES[name].build).parameters if p not in CONTEXT_ARGS]
         unknown = sorted(set(args) - set(params))
         if unknown:
             allowed = ", ".join(params) or "none"
             raise ValueError(f"style {name!r} takes no argument {', '.join(unknown)}; allowed: {allowed}")
         return cls(name, tuple(sorted(args.items())))
 
-    def build(self) -> ParallelStyle:
-        return STYLES[self.name].build(**dict(self.args))
+    def build(self, **context) -> ParallelStyle:
+        """The style object; ``context`` (``heads``, ``module``) goes to factories that take it."""
+        params = inspect.signature(STYLES[self.name].build).parameters
+        given = {k: v for k, v in context.items() if k in params and k in CONTEXT_ARGS}
+        return STYLES[self.name].build(**dict(self.args), **given)
 
     def check_module(self, path: str, module: nn.Module) -> None:
         supports = STYLES[self.name].supports

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .comm import CollectiveCounter
+from .gather import full_tensor
 from .launch import WorkerPool
 
 LOGITS_ATOL = 1e-5
@@ -107,12 +108,6 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor, floor: float) -> float:
     return (a - b).abs().max().item() / scale if scale > 0 else (a - b).abs().max().item()
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
 def _local_bytes(model: nn.Module) -> int:
     from torch.distributed.tensor import DTensor
 
@@ -162,17 +157,17 @@ def _verify_rank(spec: VerifySpec) -> dict:
     worst, worst_name = 0.0, ""
     mismatched = []
     for name, param in model.named_parameters():
-        full = _full(param.detach())
+        full = full_tensor(param.detach(), like=param)
         if not torch.equal(full, originals[name]):
             mismatched.append(name)
-        rel = _max_rel(_full(param.grad), ref_grads[name].grad, floor)
+        rel = _max_rel(full_tensor(param.grad, like=param), ref_grads[name].grad, floor)
         if rel > worst or not worst_name:
             worst, worst_name = rel, name
     c = report.collectives
     forward, backward = fwd.counts(), bwd.counts()
     return dict(
         family=report.family or f"{spec.family or 'custom model'} (plan inferred)", tp=world,
-        logits_max_abs=(_full(out.logits) - ref_out.logits).abs().max().item(),
+        logits_max_abs=(full_tensor(out.logits) - ref_out.logits).abs().max().item(),
         worst_grad_rel=worst, worst_grad_param=worst_name,
         gathered_exact=not mismatched, gathered_mismatch=mismatched,
         forward_collectives=dict(forward), backward_collectives=dict(backward),

@@ -1,0 +1,139 @@
+"""Weight layouts: which rows of a (possibly fused) dimension each rank holds.
+
+A fused projection packs several parts along one dimension: q, k and v in ``qkv_proj``,
+gate and up in ``gate_up_proj``. Sharding such a dimension contiguously hands rank 0 all
+of q and none of v. A ``Layout`` describes the dimension as a sequence of parts, each made
+of whole units (heads, or single rows), and gives every rank its own slice of every part,
+in order: Megatron's "stride".
+
+A part with fewer units than ranks (the kv heads of GQA with TP > kv heads, or the single
+kv head of multi-query attention) is replicated: rank ``r`` holds unit ``r * units // tp``,
+so every rank holds the kv head its query heads use.
+
+Where the slices can be described by a DTensor placement (one part: ``Shard``; equal parts:
+``_StridedShard``), the parameter is a DTensor whose global view is the original tensor.
+Otherwise the rank keeps a plain tensor of its rows and the layout gathers it back.
+
+Example::
+    >>> qkv = Layout((Part(8, 4), Part(2, 4, replicable=True), Part(2, 4, replicable=True)))
+    >>> qkv.rows(tp=4, rank=1)   # q heads 2-3, kv head 0, v head 0
+    [8, ..., 15, 32, 33, 34, 35, 40, 41, 42, 43]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import Placement, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
+
+
+@dataclass(frozen=True)
+class Part:
+    """``units`` whole units of ``unit_rows`` rows each; a replicable part may have fewer units than ranks."""
+
+    units: int
+    unit_rows: int
+    replicable: bool = False
+    name: str = "part"
+
+    @property
+    def rows(self) -> int:
+        return self.units * self.unit_rows
+
+    def replicas(self, tp: int) -> int:
+        return tp // self.units if self.units < tp else 1
+
+    def problem(self, tp: int) -> str | None:
+        if self.units % tp == 0:
+            return None
+        if self.replicable and tp % self.units == 0:
+            return None
+        how = f" nor does tp divide by it (to replicate them)" if self.replicable else ""
+        return f"{self.name}: {self.units} units of {self.unit_rows} rows do not divide by tp={tp}{how}"
+
+    def local_units(self, tp: int, rank: int) -> range:
+        if self.units >= tp:
+            per = self.units // tp
+            return range(rank * per, (rank + 1) * per)
+        unit = rank * self.units // tp
+        return range(unit, unit + 1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    parts: tuple[Part, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+    def problems(self, tp: int) -> list[str]:
+        return [msg for p in self.parts if (msg := p.problem(tp))]
+
+    def rows(self, tp: int, rank: int) -> list[int]:
+        """Indices, along the fused dimension, of the rows rank ``rank`` holds, in local order."""
+        out, start = [], 0
+        for part in self.parts:
+            for unit in part.local_units(tp, rank):
+                first = start + unit * part.unit_rows
+                out.extend(range(first, first + part.unit_rows))
+            start += part.rows
+        return out
+
+    def placement(self, dim: int, tp: int) -> Placement | None:
+        """The DTensor placement that gives exactly these slices, or None if there is none."""
+        if any(p.units < tp and tp > 1 for p in self.parts):
+            return None  # replicated units: no single placement on a 1-D mesh
+        if len(self.parts) == 1:
+            return Shard(dim)
+        if len({p.rows for p in self.parts}) == 1:
+            return _StridedShard(dim, split_factor=len(self.parts))
+        return None
+
+    def shard(self, tensor: torch.Tensor, dim: int, tp: int, rank: int) -> torch.Tensor:
+        index = torch.tensor(self.rows(tp, rank), device=tensor.device)
+        return tensor.index_select(dim, index).contiguous()
+
+    def gather(self, local: torch.Tensor, dim: int, group=None) -> torch.Tensor:
+        """The full tensor from every rank's slice (a collective: every rank must call it)."""
+        tp = dist.get_world_size(group)
+        pieces = [torch.empty_like(local) for _ in range(tp)]
+        dist.all_gather(pieces, local.contiguous(), group=group)
+        shape = list(local.shape)
+        shape[dim] = self.size
+        full = local.new_empty(shape)
+        for rank, piece in enumerate(pieces):
+            index = torch.tensor(self.rows(tp, rank), device=local.device)
+            full.index_copy_(dim, index, piece)
+        return full
+
+    def replicated_rows(self, tp: int, rank: int) -> list[int]:
+        """Local row positions of this rank's replicated units, whose gradients sum over replicas."""
+        out, position = [], 0
+        for part in self.parts:
+            count = len(part.local_units(tp, rank)) * part.unit_rows
+            if part.replicas(tp) > 1:
+                out.extend(range(position, position + count))
+            position += count
+        return out
+
+    def sum_replicated(self, grad: torch.Tensor, dim: int, group=None) -> None:
+        """Sum, in place, the gradient of replicated rows over the ranks that hold the same rows.
+
+        Every rank scatters its replicated rows into a zero tensor of the full size; one
+        all-reduce then adds up the replicas of each row, and each rank reads its rows back.
+        """
+        tp, rank = dist.get_world_size(group), dist.get_rank(group)
+        local = torch.tensor(self.replicated_rows(tp, rank), device=grad.device)
+        if not len(local):
+            return
+        rows = torch.tensor(self.rows(tp, rank), device=grad.device)[local]
+        shape = list(grad.shape)
+        shape[dim] = self.size
+        full = grad.new_zeros(shape)
+        full.index_copy_(dim, rows, grad.index_select(dim, local))
+        dist.all_reduce(full, group=group)
+        grad.index_copy_(dim, local, full.index_select(dim, rows))
