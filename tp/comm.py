@@ -39,8 +39,17 @@ class CollectiveCounter(CommDebugMode):
         self.advanced_module_tracker = _WholeModelTracker()
 
     def counts(self) -> Counter:
-        return Counter({_short(op): n for op, n in self.get_comm_counts().items()})
+        counts = Counter()
+        for op, n in self.get_comm_counts().items():
+            counts[_short(op)] += n
+        return counts
+
+
+# c10d's in-place ops (dist.all_reduce) and the functional ones name the same collective differently.
+_C10D_NAMES = {"allreduce_": "all_reduce", "allgather_": "all_gather", "reduce_scatter_": "reduce_scatter",
+               "broadcast_": "broadcast"}
 
 
 def _short(op) -> str:
-    return str(op).split(".")[-1].removesuffix("_into_tensor").removesuffix("_tensor")
+    name = str(op).split(".")[-1].removesuffix("_into_tensor").removesuffix("_tensor")
+    return _C10D_NAMES.get(name, name)

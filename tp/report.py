@@ -86,10 +86,17 @@ def _shapes(module: nn.Module, style: StyleSpec | None, tp: int, heads: Heads | 
     return "; ".join(parts)
 
 
-def expected_collectives(model: nn.Module, plan: ResolvedPlan) -> Collectives:
+def _replicated_params(model: nn.Module, path: str, style: StyleSpec, heads: Heads | None, tp: int) -> int:
+    """Parameters holding rows replicated over ranks, whose gradients are summed in the backward."""
+    by_layout = layouts(style, model.get_submodule(path), heads) or {}
+    return sum(bool(layout.replicated_rows(tp, 0)) for layout, _ in by_layout.values())
+
+
+def expected_collectives(model: nn.Module, plan: ResolvedPlan, tp: int) -> Collectives:
     """Forward: one all-reduce per row-parallel linear and for the embedding, one all-gather for
     gathered logits. Backward: one all-reduce per replicated block input, per column-parallel
-    linear that reads a plain tensor, and for the lm_head input."""
+    linear that reads a plain tensor, for the lm_head input, and per parameter with replicated
+    rows (kv heads with TP > kv heads)."""
     styles = {p: d.style for p, d in plan.decisions.items()}
     blocks = find_blocks(model)
 
@@ -100,6 +107,8 @@ def expected_collectives(model: nn.Module, plan: ResolvedPlan) -> Collectives:
         backward = len(prepared) + sum(
             styles[p].name in ("colwise", "lm_head") and p.rpartition(".")[0] not in prepared for p in paths
         )
+        backward += sum(_replicated_params(model, p, styles[p], plan.heads, tp) for p in paths
+                        if styles[p].name == "colwise")
         return forward, backward
 
     inside = [p for p in styles if blocks and p.startswith(blocks[0] + ".")]
@@ -125,4 +134,4 @@ def build(model: nn.Module, plan: ResolvedPlan, tp: int, problems: list[str] = (
             style, source = str(decision.style), decision.source
         rows.append(Row(path, type(module).__name__, style, source,
                         _shapes(module, decision.style if decision else None, tp, heads)))
-    return Report(plan.family, tp, rows, expected_collectives(model, plan), list(plan.warnings), list(problems))
+    return Report(plan.family, tp, rows, expected_collectives(model, plan, tp), list(plan.warnings), list(problems))
