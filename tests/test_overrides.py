@@ -57,7 +57,7 @@ def test_environment_allreduce_makes_rowwise(llama_meta, monkeypatch):
         d = resolved.decisions[f"model.layers.{i}.self_attn.q_proj"]
         assert (str(d.style), d.source, d.pattern) == ("rowwise", "environment", "q_proj")
         # Untouched modules keep the family's decision.
-        assert family_default(resolved, f"model.layers.{i}.self_attn.k_proj") == ("colwise", "family llama")
+        assert family_default(resolved, f"model.layers.{i}.self_attn.k_proj") == ("colwise(parts=[kv])", "family llama")
         assert family_default(resolved, f"model.layers.{i}.mlp.down_proj") == ("rowwise", "family llama")
 
 

@@ -16,8 +16,8 @@ from tp.styles import STYLES, StyleSpec
 
 LLAMA_LINEARS = {
     "model.layers.0.self_attn.q_proj": "colwise",
-    "model.layers.0.self_attn.k_proj": "colwise",
-    "model.layers.0.self_attn.v_proj": "colwise",
+    "model.layers.0.self_attn.k_proj": "colwise(parts=[kv])",
+    "model.layers.0.self_attn.v_proj": "colwise(parts=[kv])",
     "model.layers.0.self_attn.o_proj": "rowwise",
     "model.layers.0.mlp.gate_proj": "colwise",
     "model.layers.0.mlp.up_proj": "colwise",
@@ -114,9 +114,9 @@ MALFORMED = {
         [families.foo]
         model_types = ["foo"]
         [families.foo.plan]
-        "o_proj" = { style = "rowwise", dim = 1 }
+        "o_proj" = { style = "embedding", dim = 1 }
         """,
-        ["'foo'", "plan.o_proj", "rowwise", "dim", "allowed", "none"],
+        ["'foo'", "plan.o_proj", "embedding", "dim", "allowed", "none"],
     ),
     "style_not_a_name_nor_table": (
         """

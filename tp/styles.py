@@ -299,4 +299,7 @@ class StyleSpec:
     def __str__(self) -> str:
         if not self.args:
             return self.name
-        return f"{self.name}(" + ", ".join(f"{k}={v}" for k, v in self.args) + ")"
+        def shown(v):
+            return "[" + ", ".join(map(str, v)) + "]" if isinstance(v, tuple) else str(v)
+
+        return f"{self.name}(" + ", ".join(f"{k}={shown(v)}" for k, v in self.args) + ")"
