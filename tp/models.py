@@ -7,6 +7,7 @@ import os
 import torch
 from torch import nn
 
+from . import modeling_yuan  # noqa: F401  (registers model_type "yuan" with the Auto classes)
 from .registry import load_registry
 
 

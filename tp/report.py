@@ -95,8 +95,8 @@ def _replicated_params(model: nn.Module, path: str, style: StyleSpec, heads: Hea
 def expected_collectives(model: nn.Module, plan: ResolvedPlan, tp: int) -> Collectives:
     """Forward: one all-reduce per row-parallel linear and for the embedding, one all-gather for
     gathered logits. Backward: one all-reduce per replicated block input, per column-parallel
-    linear that reads a plain tensor, for the lm_head input, and per parameter with replicated
-    rows (kv heads with TP > kv heads)."""
+    linear that reads a plain tensor, for the lm_head input, per replicated region, and per
+    parameter with replicated rows (kv heads with TP > kv heads)."""
     styles = {p: d.style for p, d in plan.decisions.items()}
     blocks = find_blocks(model)
 
@@ -107,6 +107,8 @@ def expected_collectives(model: nn.Module, plan: ResolvedPlan, tp: int) -> Colle
         backward = len(prepared) + sum(
             styles[p].name in ("colwise", "lm_head") and p.rpartition(".")[0] not in prepared for p in paths
         )
+        # A replicated region sums the partial gradient at its output once (DTensor does it).
+        backward += sum(styles[p].name == "replicate" for p in paths)
         backward += sum(_replicated_params(model, p, styles[p], plan.heads, tp) for p in paths
                         if styles[p].name == "colwise")
         return forward, backward

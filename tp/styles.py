@@ -26,6 +26,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from .errors import PlanError
+from .head_inputs import SliceHeadInput
 from .heads import Heads
 from .layout_styles import UNITS, ColwiseLayout, Conv1D, RowwiseLayout
 
@@ -106,6 +107,33 @@ class ReplicateBlockInput(ParallelStyle):
 
     def __repr__(self) -> str:
         return f"ReplicateBlockInput(kwarg={self.kwarg!r})"
+
+
+class ReplicatedRegion(ParallelStyle):
+    """Run a module whole on every rank, on replicated DTensors, inside a tensor-parallel block.
+
+    For a module that reads the replicated block input and feeds column-parallel linears (Yuan's
+    localized filtering before q_proj/k_proj), the gradient arriving at its output is partial on
+    each rank. With its parameters as replicated DTensors, DTensor sums that gradient before it
+    reaches them, so they get the unsharded gradient. Its input becomes a replicated DTensor if
+    it is not one yet, and its output stays a DTensor for the column-parallel linears.
+
+    Example::
+        >>> parallelize_module(model, mesh, {"layers.0.self_attn.lf_gate": ReplicatedRegion()})
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def input_fn(mod, inputs, mesh):
+            first, *rest = inputs
+            if isinstance(first, torch.Tensor) and not isinstance(first, DTensor):
+                first = DTensor.from_local(first, mesh, [Replicate()], run_check=False)
+            return first, *rest
+
+        # With no partition function, distribute_module replicates every parameter.
+        return distribute_module(module, device_mesh, input_fn=input_fn)
+
+    def __repr__(self) -> str:
+        return "ReplicatedRegion()"
 
 
 class HeadNorm(ParallelStyle):
@@ -199,9 +227,19 @@ def sequence_parallel(*, sequence_dim: int = 1) -> ParallelStyle:
     return SequenceParallel(sequence_dim=sequence_dim)
 
 
+def replicate() -> ParallelStyle:
+    """Whole on every rank as replicated DTensors, inside a sharded block (gradients summed)."""
+    return ReplicatedRegion()
+
+
 def head_norm(*, head_dim: int = 2) -> ParallelStyle:
     """A norm applied per attention head inside the head-sharded region (q_norm / k_norm)."""
     return HeadNorm(head_dim=head_dim)
+
+
+def head_input(*, kwarg: str, index: int | None = None, head_dim: int = 0, heads: Heads | None = None) -> ParallelStyle:
+    """Slice a per-head tensor argument of an attention (ALiBi bias) to this rank's query heads."""
+    return SliceHeadInput(kwarg=kwarg, index=index, head_dim=head_dim, heads=heads.q if heads else None)
 
 
 def block_input(*, kwarg: str = "hidden_states") -> ParallelStyle:
@@ -233,10 +271,12 @@ STYLES: dict[str, StyleDef] = {
         StyleDef("colwise", colwise, (*LINEAR_TYPES, nn.Embedding)),
         StyleDef("rowwise", rowwise, LINEAR_TYPES),
         StyleDef("keep", keep, ()),
+        StyleDef("replicate", replicate, ()),
         StyleDef("embedding", embedding, (nn.Embedding,)),
         StyleDef("lm_head", lm_head, (nn.Linear,)),
         StyleDef("sequence_parallel", sequence_parallel, ()),
         StyleDef("head_norm", head_norm, ()),
+        StyleDef("head_input", head_input, ()),
         StyleDef("block_input", block_input, ()),
     )
 }
