@@ -165,7 +165,7 @@ def test_unknown_style_name_parsed():
     ("model.norm", "rowwise", "LlamaRMSNorm", "Linear"),
     ("model.embed_tokens", "lm_head", "Embedding", "Linear"),
     ("lm_head", "embedding", "Linear", "Embedding"),
-    ("layers.*.mlp", "colwise", "LlamaMLP", "Linear, Conv1D, Embedding"),
+    ("layers.*.mlp", "colwise", "LlamaMLP", "Linear, Conv1D, Conv1d, Conv2d, Embedding"),
 ])
 def test_style_on_unsupported_module_type(tmp_path, llama_meta, pattern, style, kind, supported):
     path = tmp_path / "registry.toml"

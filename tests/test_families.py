@@ -12,29 +12,35 @@ import pytest
 
 import tp
 
-FAMILIES = sorted(tp.load_registry().families)
+# Families of language models (the convolutional example is tested in test_conv.py).
+FAMILIES = sorted(name for name, f in tp.load_registry().families.items() if f.model_types)
+
+# Yuan's localized filtering runs replicated inside attention; DTensor sums the partial gradient
+# at its output once more in the backward (registry.toml, family yuan). Mixtral's packed experts
+# sum the routing weights' gradient for the router (tp/experts.py).
+EXTRA_BACKWARD = {"yuan": 1, "mixtral": 1}
 
 
-def _check(result):
+def _check(result, family=None):
     assert result.logits_max_abs <= 1e-5, result.table()
     assert result.worst_grad_rel <= 1e-4, result.table()
     assert result.gathered_exact, result.gathered_mismatch
     assert result.collectives_ok, result.table()
     assert 1 <= result.per_block_forward <= 2, result.table()
-    assert 1 <= result.per_block_backward <= 2, result.table()
+    assert 1 <= result.per_block_backward <= 2 + EXTRA_BACKWARD.get(family, 0), result.table()
     assert result.ok
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_tp2(family, pool2):
     result = tp.verify(family, tp=2, pool=pool2)
-    _check(result)
+    _check(result, family)
     assert result.param_bytes_per_rank < result.param_bytes_unsharded
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_tp4(family, pool4):
-    _check(tp.verify(family, tp=4, pool=pool4))
+    _check(tp.verify(family, tp=4, pool=pool4), family)
 
 
 def test_dense_families_cost_two_all_reduces_per_layer(pool2):
@@ -62,7 +68,7 @@ def test_cohere_per_head_qk_norms(pool2):
     assert "head_norm" in result.report
 
 
-@pytest.mark.parametrize("model_type", ["phi", "gpt_neox"])
+@pytest.mark.parametrize("model_type", ["phi", "helium"])
 def test_unregistered_decoder_gets_an_inferred_plan(model_type, pool2):
     """No family claims these model types: AutoTP's rule infers the plan, and it is exact."""
     assert model_type not in {t for f in tp.load_registry().families.values() for t in f.model_types}

@@ -24,8 +24,9 @@ def neox():
     """An HF model of a type the registry does not know: its plan is inferred."""
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model("gpt_neox", hidden_size=64, intermediate_size=128, num_attention_heads=8,
-                                  num_hidden_layers=2, vocab_size=256)
+    # GPT-NeoX's layout under another model type, which no family claims.
+    config = AutoConfig.for_model("gpt_neox_japanese", hidden_size=64, intermediate_size=128,
+                                  num_attention_heads=8, num_hidden_layers=2, vocab_size=256)
     return tp.models.build(config, device="meta")
 
 
@@ -172,7 +173,7 @@ def test_conflict_across_sources_is_resolved_by_precedence(llama_meta, monkeypat
 def test_overrides_beat_inferred_plan(neox, monkeypatch):
     base = tp.resolve(neox, 2)
     assert base.family is None
-    attn, mlp = "gpt_neox.layers.0.attention", "gpt_neox.layers.0.mlp"
+    attn, mlp = "gpt_neox_japanese.layers.0.attention", "gpt_neox_japanese.layers.0.mlp"
     assert family_default(base, f"{attn}.query_key_value") == ("colwise", "inferred")
     assert family_default(base, f"{attn}.dense") == ("rowwise", "inferred")
     assert family_default(base, f"{mlp}.dense_4h_to_h") == ("rowwise", "built-in list")

@@ -44,11 +44,17 @@ def test_builtin_registry_loads_and_is_consistent():
     for name in reg.families:
         lineage = reg.lineage(name)
         assert lineage[-1] == name and all(a in reg.families for a in lineage)
-        assert reg.model_type(name)
-        for pattern, style in reg.plan(name, _DummyModel()).items():
+        family = reg.families[name]
+        assert family.model_types or family.classes
+        if family.model_types:
+            assert reg.model_type(name)
+        for pattern, style in family.plan.items():
             assert isinstance(style, StyleSpec) and style.name in STYLES, (name, pattern, style)
-    # Every python_plan the built-in registry names exists next to it.
+        # Every python_plan the built-in registry names exists next to it.
+        if family.python_plan:
+            assert reg.python_plan_path(name).is_file(), name
     assert reg.python_plan_path("cohere").is_file()
+    assert all(isinstance(s, StyleSpec) for s in reg.plan("cohere", _DummyModel()).values())
     # The built-in lists are loaded.
     assert "o_proj" in reg.allreduce_linear_items and "down_proj" in reg.allreduce_linear_items
     assert "mlp.gate" in reg.keep_linear_items

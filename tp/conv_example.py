@@ -1,11 +1,9 @@
-"""A small convolutional network whose blocks shard with ``ConvColwise`` / ``ConvRowwise``.
+"""A small convolutional network, registered as family ``conv_example``.
 
 Each block widens C channels to 2C, applies a GELU, narrows back to C and adds the residual,
-the convolutional counterpart of a transformer MLP. Shard it with::
-
-    parallelize_module(model, mesh, {"blocks.*.conv1": ConvColwise(), "blocks.*.conv2": ConvRowwise()})
-
-which costs one all-reduce per block in the forward and one in the backward.
+the convolutional counterpart of a transformer MLP. ``tp.apply(model, mesh)`` shards conv1 on
+its output channels and conv2 on its input channels (registry.toml), which costs one
+all-reduce per block in the forward and one in the backward.
 """
 
 from __future__ import annotations
@@ -13,14 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor.parallel import ParallelStyle
-
-from .conv import ConvColwise, ConvRowwise
-
-
-def conv_net_plan() -> dict[str, ParallelStyle]:
-    """The ``parallelize_module`` plan for ``ConvNet``: each block's conv pair, the rest whole."""
-    return {"blocks.*.conv1": ConvColwise(), "blocks.*.conv2": ConvRowwise()}
 
 
 class ConvBlock(nn.Module):

@@ -17,7 +17,7 @@ class Heads:
     kv: int
     dim: int
 
-    def local(self, tp: int) -> "Heads":
+    def local(self, tp: int) -> Heads:
         """Heads on one rank: kv heads are replicated when there are fewer of them than ranks."""
         return Heads(self.q // tp, max(self.kv // tp, 1), self.dim)
 

@@ -123,7 +123,7 @@ class WorkerPool:
                 p.kill()
         self._procs = []
 
-    def __enter__(self) -> "WorkerPool":
+    def __enter__(self) -> WorkerPool:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -51,7 +51,7 @@ class Part:
             return None
         if self.replicable and tp % self.units == 0:
             return None
-        how = f" nor does tp divide by it (to replicate them)" if self.replicable else ""
+        how = " nor does tp divide by it (to replicate them)" if self.replicable else ""
         return f"{self.name}: {self.units} units of {self.unit_rows} rows do not divide by tp={tp}{how}"
 
     def local_units(self, tp: int, rank: int) -> range:
@@ -71,7 +71,11 @@ class Layout:
         return sum(p.rows for p in self.parts)
 
     def problems(self, tp: int) -> list[str]:
-        return [msg for p in self.parts if (msg := p.problem(tp))]
+        found = [msg for p in self.parts if (msg := p.problem(tp))]
+        if len(found) == len(self.parts) > 1 and len({(p.units, p.unit_rows) for p in self.parts}) == 1:
+            # equal parts fail alike: say it once
+            return [f"each of {len(self.parts)} equal parts: " + found[0].split(": ", 1)[1]]
+        return found
 
     def rows(self, tp: int, rank: int) -> list[int]:
         """Indices, along the fused dimension, of the rows rank ``rank`` holds, in local order."""

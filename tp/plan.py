@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .errors import PlanError
+from .heads import Heads, heads_of
 from .overrides import Overrides
 from .patterns import closest_names, matches, specificity
 from .registry import Registry
-from .heads import Heads, heads_of
 from .styles import LINEAR_TYPES, StyleSpec
 
 ROWWISE = StyleSpec("rowwise")

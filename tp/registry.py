@@ -10,11 +10,19 @@ from __future__ import annotations
 import importlib.util
 import os
 import tomllib
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from .errors import PlanError, RegistryError
 from .patterns import split_items
@@ -65,7 +73,7 @@ class Family(BaseModel):
     tiny: dict[str, Any] = Field(default_factory=dict, description="config overrides for a tiny test model")
 
     @model_validator(mode="after")
-    def _recognisable(self) -> "Family":
+    def _recognisable(self) -> Family:
         if not (self.model_types or self.classes or self.extends):
             raise ValueError("a family needs model_types or classes to be recognised")
         return self

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .plan import ResolvedPlan, find_blocks
 from .heads import Heads
+from .plan import ResolvedPlan, find_blocks
 from .sizes import layouts, local_shape, sharded_dims
 from .styles import StyleSpec
 
@@ -101,14 +101,17 @@ def expected_collectives(model: nn.Module, plan: ResolvedPlan, tp: int) -> Colle
     blocks = find_blocks(model)
 
     def count(paths):
-        forward = sum(styles[p].name in ("rowwise", "embedding") for p in paths)
+        forward = sum(styles[p].name in ("rowwise", "embedding", "experts") for p in paths)
         forward += sum(styles[p].name == "lm_head" and not dict(styles[p].args).get("loss_parallel") for p in paths)
         prepared = {p for p in paths if styles[p].name == "block_input"}
         backward = len(prepared) + sum(
             styles[p].name in ("colwise", "lm_head") and p.rpartition(".")[0] not in prepared for p in paths
         )
-        # A replicated region sums the partial gradient at its output once (DTensor does it).
+        # A replicated region sums the partial gradient at its output once (DTensor does it);
+        # packed experts sum the routing weights' gradient, and the hidden states' gradient when
+        # nothing replicated them before.
         backward += sum(styles[p].name == "replicate" for p in paths)
+        backward += sum(1 + (p.rpartition(".")[0] not in prepared) for p in paths if styles[p].name == "experts")
         backward += sum(_replicated_params(model, p, styles[p], plan.heads, tp) for p in paths
                         if styles[p].name == "colwise")
         return forward, backward

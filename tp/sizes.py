@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import SizeError
+from .experts import expert_layouts
 from .heads import Heads
-from .layout_styles import ColwiseLayout
+from .layout_styles import LayoutParallel
 from .layouts import Layout
 from .plan import ResolvedPlan
 from .styles import StyleSpec
@@ -25,10 +26,12 @@ SHARDED_DIMS: dict[str, dict[type, dict[str, int]]] = {
 
 def layouts(style: StyleSpec, module: nn.Module, heads: Heads | None) -> dict[str, tuple[Layout, int]] | None:
     """Parameter -> (layout, dim) for styles that shard by a layout, else None."""
+    if style.name == "experts":
+        return expert_layouts(module)
     if style.name not in ("colwise", "rowwise"):
         return None
     built = style.build(heads=heads, module=module)
-    return built.layouts(module) if isinstance(built, ColwiseLayout) else None
+    return built.layouts(module) if isinstance(built, LayoutParallel) else None
 
 
 def sharded_dims(style: str, module: nn.Module) -> dict[str, int]:

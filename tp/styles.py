@@ -11,13 +11,20 @@ style by its registry name, optionally with keyword arguments::
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import (
+    DTensor,
+    Replicate,
+    Shard,
+    distribute_module,
+    distribute_tensor,
+)
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -26,9 +33,10 @@ from torch.distributed.tensor.parallel import (
 )
 
 from .errors import PlanError
+from .experts import PackedExperts
 from .head_inputs import SliceHeadInput
 from .heads import Heads
-from .layout_styles import UNITS, ColwiseLayout, Conv1D, RowwiseLayout
+from .layout_styles import CONVOLUTIONS, UNITS, ColwiseLayout, Conv1D, RowwiseLayout
 
 
 class KeepWhole(ParallelStyle):
@@ -232,6 +240,11 @@ def replicate() -> ParallelStyle:
     return ReplicatedRegion()
 
 
+def experts() -> ParallelStyle:
+    """Packed 3-D experts (gate_up_proj, down_proj): every expert sharded on its intermediate features."""
+    return PackedExperts()
+
+
 def head_norm(*, head_dim: int = 2) -> ParallelStyle:
     """A norm applied per attention head inside the head-sharded region (q_norm / k_norm)."""
     return HeadNorm(head_dim=head_dim)
@@ -249,6 +262,7 @@ def block_input(*, kwarg: str = "hidden_states") -> ParallelStyle:
 
 # Modules that compute ``x @ W^T + b``, whatever the weight's storage order.
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+LAYOUT_TYPES = (*LINEAR_TYPES, *CONVOLUTIONS)
 
 # Arguments that tp.apply supplies from the model; a plan never writes them.
 CONTEXT_ARGS = ("heads", "module")
@@ -268,10 +282,11 @@ class StyleDef:
 STYLES: dict[str, StyleDef] = {
     s.name: s
     for s in (
-        StyleDef("colwise", colwise, (*LINEAR_TYPES, nn.Embedding)),
-        StyleDef("rowwise", rowwise, LINEAR_TYPES),
+        StyleDef("colwise", colwise, (*LAYOUT_TYPES, nn.Embedding)),
+        StyleDef("rowwise", rowwise, LAYOUT_TYPES),
         StyleDef("keep", keep, ()),
         StyleDef("replicate", replicate, ()),
+        StyleDef("experts", experts, ()),
         StyleDef("embedding", embedding, (nn.Embedding,)),
         StyleDef("lm_head", lm_head, (nn.Linear,)),
         StyleDef("sequence_parallel", sequence_parallel, ()),
@@ -301,7 +316,7 @@ class StyleSpec:
     args: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
-    def parse(cls, value: str | dict[str, Any]) -> "StyleSpec":
+    def parse(cls, value: str | dict[str, Any]) -> StyleSpec:
         """``"colwise"`` or ``{style = "lm_head", loss_parallel = true}``; raises ValueError."""
         if isinstance(value, str):
             name, args = value, {}

@@ -9,8 +9,9 @@ parameter's gradient and every gathered parameter. Collectives are counted with
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

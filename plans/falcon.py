@@ -1,0 +1,34 @@
+"""Falcon: the fused ``query_key_value`` is laid out three ways, chosen by the config.
+
+* ``new_decoder_architecture`` (Falcon-40B/180B): rows grouped per kv head,
+  ``[num_kv_heads, q_per_kv + 2, head_dim]`` (the group's query heads, then its k and v), so
+  whole groups are split: ``unit = "group"``; tp must divide num_kv_heads.
+* old architecture with ``multi_query`` (Falcon-7B, the config default): ``[q (H heads); k (1);
+  v (1)]``; the single k/v head is replicated on every rank, its gradient summed.
+* old architecture without ``multi_query``: per-head ``[H, 3, head_dim]``: ``unit = "head"``.
+
+The per-rank ``num_heads``/``num_kv_heads`` are set by the family's local_heads (kv is 1 under
+multi-query, as tp.heads reads the ``multi_query`` flag).
+
+ALiBi (``alibi=True``, Falcon-RW) builds one bias per head outside the attention and passes
+every layer the whole ``alibi`` (``[batch, heads, 1, kv]``) and an attention mask with the
+bias folded in (``[batch, heads, q, kv]``); ``head_input`` narrows both to the rank's heads:
+the mask on the decoder layer (it only passes it on to the attention), the alibi on the
+attention, since a module takes one style.
+"""
+
+QKV = "h.*.self_attention.query_key_value"
+
+
+def plan(model):
+    config = model.config
+    if config.new_decoder_architecture:
+        entries = {QKV: {"style": "colwise", "unit": "group"}}
+    elif config.multi_query:
+        entries = {QKV: {"style": "colwise", "parts": ["q", "kv", "kv"]}}
+    else:
+        entries = {QKV: {"style": "colwise", "unit": "head"}}
+    if getattr(config, "alibi", False):
+        entries["h.*"] = {"style": "head_input", "kwarg": "attention_mask", "head_dim": 1}
+        entries["h.*.self_attention"] = {"style": "head_input", "kwarg": "alibi", "head_dim": 1}
+    return entries
