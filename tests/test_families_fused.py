@@ -24,8 +24,9 @@ import tp
 import tp.sizes
 from tp.verification import VerifyResult, VerifySpec, _verify_rank
 
-FALCON_SIZES = dict(hidden_size=64, num_attention_heads=8, num_hidden_layers=2, ffn_hidden_size=128,
-                    vocab_size=256, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+FALCON_SIZES = {"hidden_size": 64, "num_attention_heads": 8, "num_hidden_layers": 2, "ffn_hidden_size": 128,
+                "vocab_size": 256, "max_position_embeddings": 128, "pad_token_id": 0, "bos_token_id": 1,
+                "eos_token_id": 2}
 
 IN_PLACE = "is a view and is being modified inplace"
 
@@ -154,7 +155,7 @@ def test_falcon_rw_alibi(size, pool2, pool4):
     """Falcon-RW: ALiBi, per-head q/k/v, biases, sequential attention. The bias and the mask it
     is folded into are built for all heads; head_input hands each rank its own heads. 12 heads
     at tp=4: not a power of two, so the slopes interleave two series."""
-    heads = {2: dict(num_attention_heads=8, hidden_size=64), 4: dict(num_attention_heads=12, hidden_size=96)}
+    heads = {2: {"num_attention_heads": 8, "hidden_size": 64}, 4: {"num_attention_heads": 12, "hidden_size": 96}}
     result = _verify_falcon({2: pool2, 4: pool4}[size], size, alibi=True, parallel_attn=False,
                             multi_query=False, bias=True, **heads[size])
     _check(result)

@@ -24,12 +24,24 @@ def family_config(name: str, *, tiny: bool = True, registry: str | os.PathLike |
 
     reg = load_registry(registry)
     if registered_family(name, registry):
-        sizes, model_type = reg.tiny_config(name), reg.model_type(name)
+        model_type = reg.model_type(name)
+        family_sizes = {k: v for a in reg.lineage(name) for k, v in reg.families[a].tiny.items()}
     elif name in CONFIG_MAPPING_NAMES:
-        sizes, model_type = dict(reg.tiny), name
+        model_type, family_sizes = name, {}
     else:
         reg.get(name)  # raises, naming the known families
-    return AutoConfig.for_model(model_type, **{**(sizes if tiny else {}), **overrides})
+    sizes = {**_known_keys(model_type, reg.tiny), **family_sizes} if tiny else {}
+    return AutoConfig.for_model(model_type, **{**sizes, **overrides})
+
+
+def _known_keys(model_type: str, sizes: dict) -> dict:
+    """The shared tiny sizes this config type has: a key it does not know (``head_dim`` for GPT-2)
+    would only be stored, and then misread as the model's head size."""
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(model_type)
+    known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
+    return {k: v for k, v in sizes.items() if k in known}
 
 
 def build(config, *, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:

@@ -43,10 +43,17 @@ def sharded_dims(style: str, module: nn.Module) -> dict[str, int]:
     return {}
 
 
+def uneven_ok(style: StyleSpec) -> bool:
+    """The vocab-parallel embedding and the gathered lm_head are exact with uneven shards (DTensor
+    pads them): a vocabulary of 32001 shards over 2 ranks as 16001 + 16000 rows."""
+    return style.name == "embedding" or (style.name == "lm_head" and not dict(style.args).get("loss_parallel"))
+
+
 def local_shape(shape: tuple[int, ...], dim: int | None, tp: int, layout: Layout | None = None) -> tuple[int, ...]:
+    """The shape on rank 0 (which holds the largest shard when the sizes are uneven)."""
     if dim is None:
         return tuple(shape)
-    size = len(layout.rows(tp, 0)) if layout is not None else shape[dim] // tp
+    size = len(layout.rows(tp, 0)) if layout is not None else -(-shape[dim] // tp)
     return tuple(size if i == dim else s for i, s in enumerate(shape))
 
 
@@ -71,6 +78,8 @@ def constraints(model: nn.Module, plan: ResolvedPlan) -> tuple[list[Constraint],
         by_layout = layouts(decision.style, module, heads)
         if by_layout is not None:
             laid_out += [(f"{path}.{name}", layout) for name, (layout, _) in by_layout.items()]
+            continue
+        if uneven_ok(decision.style):
             continue
         parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else None
         for name, dim in sharded_dims(decision.style.name, module).items():
