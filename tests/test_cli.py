@@ -21,7 +21,7 @@ def test_plan_is_a_dry_run_with_shapes_sources_and_collectives():
 def test_plan_reports_divisibility_problems_and_working_sizes():
     out = run("plan", "llama", "--tp", "3", "--tiny")
     assert out.returncode == 1
-    assert ("problem: model.layers.*.self_attn.k_proj.weight: kv heads: 4 units of 8 rows do not divide by tp=3 "
+    assert ("problem: model.layers.*.self_attn.k_proj.weight: kv heads: 4 heads of 8 rows do not divide by tp=3 "
             "nor does tp divide by it (to replicate them)") in out.stdout
     assert "TP sizes that divide every sharded size: 1, 2, 4" in out.stdout
 

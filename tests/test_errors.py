@@ -98,7 +98,7 @@ def test_indivisible_heads_resolve_and_check():
     message = str(info.value)
     assert "tp=3" in message
     assert "model.layers.*.self_attn.k_proj" in message and "model.layers.*.self_attn.v_proj" in message
-    assert "4 units of 8 rows do not divide by tp=3 nor does tp divide by it" in message
+    assert "4 heads of 8 rows do not divide by tp=3 nor does tp divide by it" in message
     # The TP sizes that would work are listed: 4 kv heads split over 1, 2, 4 ranks (the MLP needs powers of 2).
     assert message.rstrip().endswith(": 1, 2, 4")
     # One line per module pattern, not one per layer.
@@ -129,7 +129,7 @@ def test_indivisible_heads_apply_on_4_ranks(pool4):
         assert out["raised"] and out["type"] == "SizeError" and out["is_tp_error"], out
         message = out["message"]
         assert "self_attn.k_proj" in message and "tp=4" in message
-        assert "kv heads: 3 units" in message
+        assert "kv heads: 3 heads" in message
         assert message.rstrip().endswith("TP sizes that divide every sharded size of this model: 1")
         # Early: raised before anything was sharded.
         assert not out["sharded_after_error"] and out["unchanged"]

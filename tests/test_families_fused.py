@@ -6,11 +6,9 @@ that every rank keeps (Falcon-7B, StarCoder: multi-query), or in kv groups
 (``[kv_heads, q_per_kv + 2, head_dim]``: Falcon-40B/180B). Falcon and GPT-BigCode pick the
 layout from the config in plans/falcon.py and plans/gpt_bigcode.py.
 
-Falcon models are built here from a FalconConfig rather than the registry's tiny config, whose
-shared ``head_dim`` FalconConfig cannot take (it is a read-only property there).
-Falcon variants with parallel attention add the MLP output in place to the attention output
-(``mlp_output += attention_output``); until row-parallel outputs are tensors that may be
-changed in place, those cases are reported as expected failures naming that cause.
+Falcon models are built here from a FalconConfig, one per variant. Falcon variants with
+parallel attention add the MLP output in place to the attention output
+(``mlp_output += attention_output``), which the row-parallel styles' outputs allow.
 """
 
 from __future__ import annotations
@@ -22,14 +20,11 @@ import pytest
 
 import tp
 import tp.sizes
-from tp.verification import VerifyResult, VerifySpec, _verify_rank
+from tp.verification import VerifyResult
 
 FALCON_SIZES = {"hidden_size": 64, "num_attention_heads": 8, "num_hidden_layers": 2, "ffn_hidden_size": 128,
                 "vocab_size": 256, "max_position_embeddings": 128, "pad_token_id": 0, "bos_token_id": 1,
                 "eos_token_id": 2}
-
-IN_PLACE = "is a view and is being modified inplace"
-
 
 def falcon_model(**overrides):
     """A tiny Falcon (module level: every rank of a pool builds it)."""
@@ -40,24 +35,9 @@ def falcon_model(**overrides):
     return tp.models.build(FalconConfig(**{**FALCON_SIZES, **overrides}))
 
 
-def _verify_rank_or_in_place_error(spec: VerifySpec) -> dict:
-    """The verification of one rank, or the in-place error, returned so that the pool stays up."""
-    try:
-        return _verify_rank(spec)
-    except RuntimeError as e:
-        if IN_PLACE not in str(e):
-            raise
-        return {"in_place_error": str(e).splitlines()[0]}
-
-
 def _verify_falcon(pool, tp_size: int, **overrides) -> VerifyResult:
-    spec = VerifySpec("falcon", functools.partial(falcon_model, **overrides))
     assert pool.world_size == tp_size
-    result = pool.run(_verify_rank_or_in_place_error, spec)[0]
-    if "in_place_error" in result:
-        pytest.xfail("Falcon's parallel attention adds to the row-parallel MLP output in place, and "
-                     f"DTensor.to_local() returns a view autograd forbids changing: {result['in_place_error']}")
-    return VerifyResult(**result)
+    return tp.verify(model_factory=functools.partial(falcon_model, **overrides), pool=pool, tp=tp_size)
 
 
 def _check(result: VerifyResult, *, backward_per_block: int = 2) -> None:
@@ -168,6 +148,6 @@ def test_falcon_kv_groups_fewer_than_ranks_are_refused():
     groups would need half-groups sharing a replicated k/v, which no layout describes yet."""
     model = falcon_model(new_decoder_architecture=True, num_kv_heads=2)
     plan = tp.resolve(model, 4)
-    with pytest.raises(tp.SizeError, match=r"query_key_value.*2 groups.*tp=4") as error:
+    with pytest.raises(tp.SizeError, match=r"query_key_value.*2 kv groups.*tp=4") as error:
         tp.sizes.check(model, plan, 4)
     assert "TP sizes that divide every sharded size of this model: 1, 2" in str(error.value)

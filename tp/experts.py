@@ -19,7 +19,12 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from .errors import SizeError
-from .layout_styles import lend_local_params, local_of, place_parameter, take_back_params
+from .layout_styles import (
+    lend_local_params,
+    local_of,
+    place_parameter,
+    take_back_params,
+)
 from .layouts import Layout, Part
 
 # parameter -> (dimension holding the intermediate features, parts packed along it)
@@ -37,7 +42,7 @@ def expert_layouts(module: nn.Module) -> dict[str, tuple[Layout, int]]:
     found = {}
     for name, (dim, parts) in EXPERT_PARAMS.items():
         size = getattr(module, name).shape[dim]
-        found[name] = (Layout(tuple(Part(size // parts, 1, name=f"{name} part {i}") for i in range(parts))), dim)
+        found[name] = (Layout(tuple(Part(size // parts, 1, name=f"{name} part {i}", unit="rows") for i in range(parts))), dim)
     return found
 
 

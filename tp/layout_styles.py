@@ -94,7 +94,8 @@ def build_layout(size: int, *, parts, unit: str, heads: Heads | None, where: str
         unknown = [p for p in parts if p not in kinds]
         if unknown:
             raise PlanError(f"{where}: unknown part {unknown[0]!r}; parts are 'q' and 'kv', or a number")
-        layout = Layout(tuple(Part(kinds[p][0], heads.dim, kinds[p][1], name=f"{p} heads") for p in parts))
+        layout = Layout(tuple(Part(kinds[p][0], heads.dim, kinds[p][1], name=f"{p} heads", unit="heads")
+                              for p in parts))
         if layout.size != size:
             raise PlanError(f"{where}: parts {list(parts)} make {layout.size} rows ({heads}), "
                             f"but the dimension has {size}; check the family's parts")
@@ -108,7 +109,8 @@ def build_layout(size: int, *, parts, unit: str, heads: Heads | None, where: str
     if size % total or total % parts:
         raise PlanError(f"{where}: {size} rows do not split into {parts} parts of whole {unit}s ({total} {unit}s)")
     units = total // parts
-    return Layout(tuple(Part(units, size // total, name=f"part {i} ({units} {unit}s)") for i in range(parts)))
+    word = {"row": "rows", "head": "heads", "head_dim": "head_dim blocks", "group": "kv groups"}[unit]
+    return Layout(tuple(Part(units, size // total, name=f"part {i}", unit=word) for i in range(parts)))
 
 
 def place_parameter(module: nn.Module, name: str, layout: Layout, dim: int, mesh: DeviceMesh) -> None:
@@ -331,5 +333,7 @@ class RowwiseLayout(LayoutParallel):
             shape[feature_dim(module, total)] = -1
             total = total + lent["bias"].to_local().view(shape)
         if self.use_local_output:
-            return total
+            # to_local() gives a view that autograd forbids changing in place (Falcon's
+            # mlp_output += attention_output); with no bias added, copy it.
+            return total if "bias" in lent else total.clone()
         return DTensor.from_local(total, device_mesh, [Replicate()], run_check=False)

@@ -38,6 +38,7 @@ class Part:
     unit_rows: int
     replicable: bool = False
     name: str = "part"
+    unit: str = "units"  # what a unit is, for messages: heads, groups, rows
 
     @property
     def rows(self) -> int:
@@ -52,7 +53,7 @@ class Part:
         if self.replicable and tp % self.units == 0:
             return None
         how = " nor does tp divide by it (to replicate them)" if self.replicable else ""
-        return f"{self.name}: {self.units} units of {self.unit_rows} rows do not divide by tp={tp}{how}"
+        return f"{self.name}: {self.units} {self.unit} of {self.unit_rows} rows do not divide by tp={tp}{how}"
 
     def local_units(self, tp: int, rank: int) -> range:
         if self.units >= tp:

@@ -200,12 +200,29 @@ def colwise(*, parts=1, unit: str = "row", heads: Heads | None = None, module: n
     return ColwiseParallel()
 
 
+class OwnedRowwiseParallel(RowwiseParallel):
+    """torch's RowwiseParallel whose local output owns its memory.
+
+    ``DTensor.to_local()`` returns a view made inside an autograd Function, which autograd
+    forbids modifying in place; models add to a row-parallel output in place (Falcon's
+    ``mlp_output += attention_output``). One copy of the output makes it an ordinary tensor.
+
+    Example::
+        >>> parallelize_module(model, mesh, {"layers.0.mlp.dense_4h_to_h": OwnedRowwiseParallel()})
+    """
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        out = RowwiseParallel._prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh)
+        return out.clone() if use_local_output else out
+
+
 def rowwise(*, parts=1, unit: str = "row", heads: Heads | None = None, module: nn.Module | None = None) -> ParallelStyle:
     """Input features sharded; partial outputs all-reduced (torch's RowwiseParallel, or
     RowwiseLayout for permuted inputs given ``parts``/``unit``, and for GPT-2's Conv1D)."""
     if _needs_layout(module, parts, unit):
         return RowwiseLayout(parts=parts, unit=unit, heads=heads)
-    return RowwiseParallel()
+    return OwnedRowwiseParallel()
 
 
 def keep() -> ParallelStyle:
