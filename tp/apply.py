@@ -31,6 +31,7 @@ def resolve(
     registry: str | os.PathLike | None = None,
     strict: bool = False,
     loss_parallel: bool = False,
+    sequence_parallel: bool = False,
 ) -> plan_.ResolvedPlan:
     """The plan ``apply`` would use, without sharding anything (works on the meta device)."""
     reg = load_registry(registry)
@@ -43,6 +44,8 @@ def resolve(
             raise PlanError("loss_parallel=True, but the plan has no module with the lm_head style")
         for path in heads:
             resolved.with_style(path, StyleSpec("lm_head", (("loss_parallel", True),)))
+    if sequence_parallel:
+        plan_.with_sequence_parallel(resolved, model, reg)
     return resolved
 
 
@@ -102,6 +105,7 @@ def apply(
     registry: str | os.PathLike | None = None,
     strict: bool = False,
     loss_parallel: bool = False,
+    sequence_parallel: bool = False,
 ) -> report_.Report:
     """Shard ``model`` in place over the 1-D ``mesh`` and return a report of what was done.
 
@@ -115,6 +119,10 @@ def apply(
         registry: a user registry.toml merged over the built-in one.
         strict: a pattern that matches no module is an error instead of a warning.
         loss_parallel: keep the logits vocab-sharded for ``loss_parallel()``.
+        sequence_parallel: shard the activations between blocks along the sequence (Megatron's
+            sequence parallelism): norms run on sequence shards, each block gathers its input once
+            and reduce-scatters its output. The model's hidden states between blocks are then
+            sequence-sharded DTensors.
 
     Example::
         >>> mesh = init_device_mesh("cpu", (2,))
@@ -124,7 +132,8 @@ def apply(
     tp = _check_mesh(mesh)
     _check_not_sharded(model)
     resolved = resolve(model, tp, family=family, allreduce=allreduce, keep=keep, config=config,
-                       registry=registry, strict=strict, loss_parallel=loss_parallel)
+                       registry=registry, strict=strict, loss_parallel=loss_parallel,
+                       sequence_parallel=sequence_parallel)
     sizes.check(model, resolved, tp)
     report = report_.build(model, resolved, tp)
     ties = _tied_groups(model)

@@ -16,6 +16,8 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="TOML file with allreduce_linear_items / keep_linear_items")
     p.add_argument("--registry", default=None, help="user registry.toml merged over the built-in one")
     p.add_argument("--strict", action="store_true", help="a pattern that matches nothing is an error")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="shard the activations between blocks along the sequence")
 
 
 def _plan(args) -> int:
@@ -35,7 +37,8 @@ def _plan(args) -> int:
         family = registered_family(args.target, args.registry)
     model = build(config, device="meta")
     resolved = resolve(model, args.tp, family=family, allreduce=args.allreduce, keep=args.keep,
-                       config=args.config, registry=args.registry, strict=args.strict)
+                       config=args.config, registry=args.registry, strict=args.strict,
+                       sequence_parallel=args.sequence_parallel)
     problems, working = sizes.problems(model, resolved, args.tp)
     if problems:
         problems.append(f"TP sizes that divide every sharded size: {', '.join(map(str, working))}")
@@ -47,7 +50,7 @@ def _verify(args) -> int:
     from .verification import verify
 
     result = verify(args.family, tp=args.tp, allreduce=args.allreduce, keep=args.keep, config=args.config,
-                    registry=args.registry, strict=args.strict)
+                    registry=args.registry, strict=args.strict, sequence_parallel=args.sequence_parallel)
     if args.show_plan:
         print(result.report)
     print(result.table())

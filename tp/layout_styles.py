@@ -25,7 +25,7 @@ from functools import partial
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from .errors import PlanError, SizeError
@@ -163,9 +163,11 @@ class LayoutParallel(ParallelStyle):
     kind: str
     size_error: type[Exception] = SizeError
 
-    def __init__(self, *, parts=1, unit: str = "row", heads: Heads | None = None, use_local_output: bool = True):
+    def __init__(self, *, parts=1, unit: str = "row", heads: Heads | None = None, use_local_output: bool = True,
+                 sequence_dim: int | None = None):
         super().__init__()
         self.parts, self.unit, self.heads, self.use_local_output = parts, unit, heads, use_local_output
+        self.sequence_dim = sequence_dim
 
     def layouts(self, module: nn.Module) -> dict[str, tuple[Layout, int]]:
         """Parameter name -> (layout, dimension) for the parameters this style shards."""
@@ -327,6 +329,11 @@ class RowwiseLayout(LayoutParallel):
 
     def _finish_output(self, module, output, lent, device_mesh):
         total = DTensor.from_local(output, device_mesh, [Partial()], run_check=False)
+        if self.sequence_dim is not None:  # sequence parallel: reduce-scatter, stay a DTensor
+            total = total.redistribute(device_mesh, [Shard(self.sequence_dim)])
+            if "bias" in lent:
+                total = total + lent["bias"]
+            return total
         total = total.redistribute(device_mesh, [Replicate()]).to_local()
         if "bias" in lent:
             shape = [1] * total.dim()

@@ -74,6 +74,57 @@ def _report_unmatched(patterns, used, paths, where, strict, problems) -> None:
         warnings.warn(message, stacklevel=4)
 
 
+SEQUENCE_DIM = 1  # [batch, sequence, features], as Hugging Face models hold activations
+SEQUENCE_STYLES = ("rowwise", "embedding", "lm_head")
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith("Norm")
+
+
+def with_sequence_parallel(plan: ResolvedPlan, model: nn.Module, registry: Registry) -> None:
+    """Turn a tensor-parallel plan into a sequence-parallel one, in place.
+
+    Between blocks the residual stream is sharded along the sequence: the row-parallel outputs
+    and the embedding are reduce-scattered instead of all-reduced, each block input is
+    all-gathered once (``block_input``), the lm_head gathers its input, and the norms of the
+    blocks and the final norm run on sequence shards. A family's ``sequence_parallel`` table
+    adds synchronisation points (``sequence_shard`` after a module) and norms.
+    """
+    blocks = find_blocks(model)
+    if not blocks:
+        raise PlanError(f"{type(model).__name__}: sequence_parallel needs repeated blocks with a sequence "
+                        "dimension; none were found")
+    refused = registry.inherited(plan.family, "sequence_parallel_refused") if plan.family else None
+    if refused:
+        raise PlanError(f"family {plan.family!r} cannot run sequence parallel: {refused}; shard it without it")
+    experts = [p for p, d in plan.decisions.items() if d.style.name == "experts"]
+    if experts:
+        raise PlanError(f"sequence_parallel is not supported with packed experts ({experts[0]}): they see the "
+                        "tokens flattened, not along a sequence dimension; shard this model without it")
+    top = blocks[0].rpartition(".")[0].rpartition(".")[0]  # "model" of "model.layers.3"
+    for path, decision in list(plan.decisions.items()):
+        if decision.style.name in SEQUENCE_STYLES:
+            args = (*decision.style.args, ("sequence_dim", SEQUENCE_DIM))
+            plan.with_style(path, StyleSpec(decision.style.name, tuple(sorted(args))))
+    modules = dict(model.named_modules())
+    for path, module in modules.items():
+        parent = path.rpartition(".")[0]
+        if path and path not in plan.decisions and is_norm(module) and (parent in blocks or parent == top):
+            plan.decisions[path] = Decision(path, StyleSpec("sequence_parallel"), "derived (sequence parallel)")
+    points = registry.inherited(plan.family, "sequence_parallel") if plan.family else {}
+    where = f"family {plan.family!r} (sequence_parallel)"
+    used = set()
+    for path in modules:
+        hit = _best_match(path, points, where) if path else None
+        if hit:
+            used.add(hit[0])
+            plan.decisions[path] = Decision(path, hit[1], f"family {plan.family} (sequence parallel)", hit[0])
+    _report_unmatched(points, used, list(modules), where, False, plan.warnings)
+    order = list(modules)
+    plan.decisions = dict(sorted(plan.decisions.items(), key=lambda item: order.index(item[0])))
+
+
 def find_blocks(model: nn.Module) -> list[str]:
     """Paths of the repeated blocks: the children of the largest list of same-class modules."""
     best, best_size = None, 0

@@ -57,6 +57,12 @@ class Family(BaseModel):
     classes: list[str] = Field(default_factory=list, description="model class names")
     extends: str | None = Field(None, description="family whose plan this one starts from")
     plan: dict[str, Style] = Field(default_factory=dict, description="module pattern -> style")
+    sequence_parallel: dict[str, Style] = Field(
+        default_factory=dict,
+        description="module pattern -> style, used only with sequence parallelism: synchronisation points "
+                    "(sequence_shard after a module) and norms beyond the derived ones")
+    sequence_parallel_refused: str | None = Field(
+        None, description="why this family cannot run sequence parallel (said when it is asked for)")
     block_inputs: Patterns | None = Field(
         None, description="modules whose input is replicated once; default: parents of colwise linears"
     )

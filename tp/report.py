@@ -92,29 +92,44 @@ def _replicated_params(model: nn.Module, path: str, style: StyleSpec, heads: Hea
     return sum(bool(layout.replicated_rows(tp, 0)) for layout, _ in by_layout.values())
 
 
+def _cost(path: str, style: StyleSpec, prepared: set[str], sp: bool, model, plan, tp: int) -> tuple[int, int]:
+    """Collectives (forward, backward) that one module's style costs."""
+    args = dict(style.args)
+    sharded_sequence = args.get("sequence_dim") is not None
+    plain_input = path.rpartition(".")[0] not in prepared
+    if style.name in ("rowwise", "embedding"):
+        # all-reduce, or reduce-scatter with its all-gather in the backward
+        return 1, int(sharded_sequence)
+    if style.name == "lm_head":
+        return int(not args.get("loss_parallel")) + int(sharded_sequence), 1
+    if style.name == "block_input":  # with sequence parallelism its input is all-gathered
+        return int(sp), 1
+    if style.name == "colwise":
+        replicated = _replicated_params(model, path, style, plan.heads, tp)
+        return int(sp and plain_input), int(plain_input) + replicated
+    if style.name == "replicate":  # DTensor sums the partial gradient at its output once
+        return 0, 1
+    if style.name == "experts":  # the routing weights' gradient, and a plain input's
+        return 1, 1 + int(plain_input)
+    if style.name == "sequence_shard":  # cut locally; its gradient is all-gathered
+        return 0, 1
+    return 0, 0
+
+
 def expected_collectives(model: nn.Module, plan: ResolvedPlan, tp: int) -> Collectives:
     """Forward: one all-reduce per row-parallel linear and for the embedding, one all-gather for
     gathered logits. Backward: one all-reduce per replicated block input, per column-parallel
     linear that reads a plain tensor, for the lm_head input, per replicated region, and per
-    parameter with replicated rows (kv heads with TP > kv heads)."""
+    parameter with replicated rows (kv heads with TP > kv heads). With sequence parallelism
+    each all-reduce becomes a reduce-scatter and an all-gather (_cost has every case)."""
     styles = {p: d.style for p, d in plan.decisions.items()}
     blocks = find_blocks(model)
+    sp = any(dict(s.args).get("sequence_dim") is not None for s in styles.values())
 
     def count(paths):
-        forward = sum(styles[p].name in ("rowwise", "embedding", "experts") for p in paths)
-        forward += sum(styles[p].name == "lm_head" and not dict(styles[p].args).get("loss_parallel") for p in paths)
         prepared = {p for p in paths if styles[p].name == "block_input"}
-        backward = len(prepared) + sum(
-            styles[p].name in ("colwise", "lm_head") and p.rpartition(".")[0] not in prepared for p in paths
-        )
-        # A replicated region sums the partial gradient at its output once (DTensor does it);
-        # packed experts sum the routing weights' gradient, and the hidden states' gradient when
-        # nothing replicated them before.
-        backward += sum(styles[p].name == "replicate" for p in paths)
-        backward += sum(1 + (p.rpartition(".")[0] not in prepared) for p in paths if styles[p].name == "experts")
-        backward += sum(_replicated_params(model, p, styles[p], plan.heads, tp) for p in paths
-                        if styles[p].name == "colwise")
-        return forward, backward
+        costs = [_cost(p, styles[p], prepared, sp, model, plan, tp) for p in paths]
+        return sum(c[0] for c in costs), sum(c[1] for c in costs)
 
     inside = [p for p in styles if blocks and p.startswith(blocks[0] + ".")]
     outside = [p for p in styles if not any(p.startswith(b + ".") for b in blocks)]

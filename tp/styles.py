@@ -28,6 +28,7 @@ from torch.distributed.tensor import (
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
+    PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
 )
@@ -69,7 +70,8 @@ def _inputs_to_local(module, args, kwargs):
 class ReplicateBlockInput(ParallelStyle):
     """Turn a block's input into one replicated DTensor that all its column-parallel linears share.
 
-    This is Megatron's ``f`` operator placed once per block. When q, k and v (or gate and up)
+    This is Megatron's ``f`` operator placed once per block (with sequence parallelism, its
+    all-gather of the sequence: a sequence-sharded DTensor input is gathered here once). When q, k and v (or gate and up)
     each wrap the same plain tensor, each one all-reduces its own input gradient in the
     backward; sharing one DTensor lets autograd sum the partial gradients first, so the block
     costs a single all-reduce in the backward.
@@ -96,8 +98,11 @@ class ReplicateBlockInput(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def replicate(x):
-            if isinstance(x, DTensor) or not isinstance(x, torch.Tensor):
+            if not isinstance(x, torch.Tensor):
                 return x
+            if isinstance(x, DTensor):
+                # sequence parallel: one all-gather of the sequence, shared by all the linears
+                return x if tuple(x.placements) == (Replicate(),) else x.redistribute(device_mesh, [Replicate()])
             return DTensor.from_local(x, device_mesh, [Replicate()], run_check=False)
 
         def hook(mod, args, kwargs):
@@ -217,11 +222,15 @@ class OwnedRowwiseParallel(RowwiseParallel):
         return out.clone() if use_local_output else out
 
 
-def rowwise(*, parts=1, unit: str = "row", heads: Heads | None = None, module: nn.Module | None = None) -> ParallelStyle:
+def rowwise(*, parts=1, unit: str = "row", sequence_dim: int | None = None, heads: Heads | None = None,
+            module: nn.Module | None = None) -> ParallelStyle:
     """Input features sharded; partial outputs all-reduced (torch's RowwiseParallel, or
-    RowwiseLayout for permuted inputs given ``parts``/``unit``, and for GPT-2's Conv1D)."""
+    RowwiseLayout for permuted inputs given ``parts``/``unit``, and for GPT-2's Conv1D).
+    With ``sequence_dim`` the partial outputs are reduce-scattered along it instead."""
     if _needs_layout(module, parts, unit):
-        return RowwiseLayout(parts=parts, unit=unit, heads=heads)
+        return RowwiseLayout(parts=parts, unit=unit, heads=heads, sequence_dim=sequence_dim)
+    if sequence_dim is not None:
+        return RowwiseParallel(output_layouts=Shard(sequence_dim), use_local_output=False)
     return OwnedRowwiseParallel()
 
 
@@ -230,26 +239,38 @@ def keep() -> ParallelStyle:
     return KeepWhole()
 
 
-def embedding() -> ParallelStyle:
-    """Vocab-parallel embedding: rows (tokens) sharded, the looked-up vectors all-reduced."""
+def embedding(*, sequence_dim: int | None = None) -> ParallelStyle:
+    """Vocab-parallel embedding: rows (tokens) sharded, the looked-up vectors all-reduced (or,
+    with ``sequence_dim``, reduce-scattered along the sequence)."""
+    if sequence_dim is not None:
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(sequence_dim), use_local_output=False)
     return RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
 
 
-def lm_head(*, loss_parallel: bool = False) -> ParallelStyle:
+def lm_head(*, loss_parallel: bool = False, sequence_dim: int | None = None) -> ParallelStyle:
     """Vocab-sharded output projection.
 
     By default the logits are all-gathered, so the model returns ordinary full logits. With
     ``loss_parallel=True`` they stay a vocab-sharded DTensor for
     ``torch.distributed.tensor.parallel.loss_parallel`` and never exist whole on one rank.
+    With ``sequence_dim`` its input arrives sharded along the sequence and is all-gathered.
     """
+    inputs = Shard(sequence_dim) if sequence_dim is not None else Replicate()
     if loss_parallel:
-        return ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
-    return ColwiseParallel(output_layouts=Replicate())
+        return ColwiseParallel(input_layouts=inputs, output_layouts=Shard(-1), use_local_output=False)
+    return ColwiseParallel(input_layouts=inputs, output_layouts=Replicate())
 
 
 def sequence_parallel(*, sequence_dim: int = 1) -> ParallelStyle:
     """Norms and dropout on sequence shards (torch's SequenceParallel)."""
     return SequenceParallel(sequence_dim=sequence_dim)
+
+
+def sequence_shard(*, sequence_dim: int = 1) -> ParallelStyle:
+    """A sync point after a module: its output leaves sharded along the sequence (a plain,
+    replicated output is cut locally; a partial one is reduce-scattered)."""
+    return PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(sequence_dim),
+                               use_local_output=False)
 
 
 def replicate() -> ParallelStyle:
@@ -307,6 +328,7 @@ STYLES: dict[str, StyleDef] = {
         StyleDef("embedding", embedding, (nn.Embedding,)),
         StyleDef("lm_head", lm_head, (nn.Linear,)),
         StyleDef("sequence_parallel", sequence_parallel, ()),
+        StyleDef("sequence_shard", sequence_shard, ()),
         StyleDef("head_norm", head_norm, ()),
         StyleDef("head_input", head_input, ()),
         StyleDef("block_input", block_input, ()),

@@ -54,6 +54,9 @@ class VerifyResult:
     param_bytes_per_rank: int
     param_bytes_unsharded: int
     report: str
+    activation_bytes_per_rank: int = 0
+    activation_bytes_unsharded: int = 0
+    first_block_forward: dict[str, int] = field(default_factory=dict)
     logits_atol: float = LOGITS_ATOL
     grad_rtol: float = GRAD_RTOL
 
@@ -88,8 +91,12 @@ class VerifyResult:
              mark(sum(self.backward_collectives.values()) == self.expected_backward)),
             ("collectives per block (fwd / bwd)", f"{self.per_block_forward} / {self.per_block_backward}",
              f"x {self.blocks} blocks", ""),
+            ("first block's forward", counts(self.first_block_forward), "", ""),
             ("parameter bytes per rank", f"{self.param_bytes_per_rank:,} of {self.param_bytes_unsharded:,} "
              f"({self.param_bytes_per_rank / self.param_bytes_unsharded:.2f})", "", ""),
+            ("activation bytes per rank between blocks",
+             f"{self.activation_bytes_per_rank:,} of {self.activation_bytes_unsharded:,} "
+             f"({self.activation_bytes_per_rank / max(self.activation_bytes_unsharded, 1):.2f})", "", ""),
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [f"tp verify: family {self.family}, tp={self.tp}"]
@@ -119,6 +126,49 @@ def _local_bytes(model: nn.Module) -> int:
     return total
 
 
+def _block_output_bytes(model: nn.Module) -> tuple[list[int], list]:
+    """Hooks that record, for every repeated block, the bytes this rank holds of its output."""
+    from torch.distributed.tensor import DTensor
+
+    from .plan import find_blocks
+
+    sizes: list[int] = []
+
+    def record(module, args, output):
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        local = hidden.to_local() if isinstance(hidden, DTensor) else hidden
+        sizes.append(local.numel() * local.element_size())
+
+    handles = [model.get_submodule(b).register_forward_hook(record) for b in find_blocks(model)]
+    return sizes, handles
+
+
+@dataclass
+class _BlockCounts:
+    handles: list
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _count_in_first_block(model: nn.Module, counter: CollectiveCounter) -> _BlockCounts:
+    """The collectives, by kind, of the first repeated block's forward."""
+    from .plan import find_blocks
+
+    blocks = find_blocks(model)
+    found = _BlockCounts([])
+    if not blocks:
+        return found
+    block, before = model.get_submodule(blocks[0]), {}
+
+    def start(module, args):
+        before.update(counter.counts())
+
+    def stop(module, args, output):
+        found.counts = {k: n - before.get(k, 0) for k, n in counter.counts().items() if n - before.get(k, 0)}
+
+    found.handles = [block.register_forward_pre_hook(start), block.register_forward_hook(stop)]
+    return found
+
+
 def _verify_rank(spec: VerifySpec) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -146,10 +196,15 @@ def _verify_rank(spec: VerifySpec) -> dict:
     vocab = reference.get_input_embeddings().num_embeddings
     ids = torch.randint(3, vocab, (spec.batch, spec.seq), generator=gen)
 
+    ref_sizes, ref_hooks = _block_output_bytes(reference)
     ref_out = reference(input_ids=ids, labels=ids)
     ref_out.loss.backward()
+    sizes, hooks = _block_output_bytes(model)
     with CollectiveCounter() as fwd:
+        first_block = _count_in_first_block(model, fwd)
         out = model(input_ids=ids, labels=ids)
+    for handle in (*ref_hooks, *hooks, *first_block.handles):
+        handle.remove()
     with CollectiveCounter() as bwd:
         out.loss.backward()
 
@@ -176,7 +231,8 @@ def _verify_rank(spec: VerifySpec) -> dict:
         per_block_forward=(sum(forward.values()) - c.forward_outside) // max(c.blocks, 1),
         per_block_backward=(sum(backward.values()) - c.backward_outside) // max(c.blocks, 1),
         blocks=c.blocks, param_bytes_per_rank=_local_bytes(model), param_bytes_unsharded=unsharded_bytes,
-        report=str(report),
+        first_block_forward=first_block.counts,
+        report=str(report), activation_bytes_per_rank=sum(sizes), activation_bytes_unsharded=sum(ref_sizes),
     )
 
 
