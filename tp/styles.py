@@ -368,11 +368,17 @@ class StyleSpec:
             raise ValueError(f"unknown style {name!r}; allowed: {', '.join(STYLES)}")
         args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}  # hashable
         _check_layout_args(name, args)
-        params = [p for p in inspect.signature(STYLES[name].build).parameters if p not in CONTEXT_ARGS]
+        params = {n: p for n, p in inspect.signature(STYLES[name].build).parameters.items() if n not in CONTEXT_ARGS}
         unknown = sorted(set(args) - set(params))
         if unknown:
             allowed = ", ".join(params) or "none"
             raise ValueError(f"style {name!r} takes no argument {', '.join(unknown)}; allowed: {allowed}")
+        for key, value in args.items():
+            default = params[key].default
+            expected = int if key == "sequence_dim" else type(default)
+            if key != "parts" and default is not inspect.Parameter.empty and expected is not type(None) \
+                    and not isinstance(value, expected):
+                raise ValueError(f"style {name!r}: {key} must be {expected.__name__}, found {value!r}")
         return cls(name, tuple(sorted(args.items())))
 
     def build(self, **context) -> ParallelStyle:
