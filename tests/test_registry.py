@@ -120,9 +120,9 @@ MALFORMED = {
         [families.foo]
         model_types = ["foo"]
         [families.foo.plan]
-        "o_proj" = { style = "embedding", dim = 1 }
+        "o_proj" = { style = "keep", dim = 1 }
         """,
-        ["'foo'", "plan.o_proj", "embedding", "dim", "allowed", "none"],
+        ["'foo'", "plan.o_proj", "keep", "dim", "allowed", "none"],
     ),
     "style_not_a_name_nor_table": (
         """
