@@ -43,3 +43,12 @@ def test_training_a_family_with_fused_layouts(pool2):
     for r in _train(pool2, "phi3", True):
         assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(r["losses"]["reference"], r["losses"]["sharded"]))
         assert r["worst_param_gap"] <= 1e-5, (r["worst_param"], r["worst_param_gap"])
+
+
+def test_vocab_parallel_loss_trains_like_the_gathered_one(pool2):
+    """loss_parallel: the logits stay vocab-sharded and the cross-entropy runs on the shards."""
+    spec = TrainingSpec("llama", steps=10, eps=1e-6,
+                        apply_kwargs=(("loss_parallel", True), ("sequence_parallel", True)))
+    for r in pool2.run(compare_training, spec):
+        assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(r["losses"]["reference"], r["losses"]["sharded"]))
+        assert r["worst_param_gap"] <= 1e-5, (r["worst_param"], r["worst_param_gap"])

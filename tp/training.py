@@ -28,6 +28,18 @@ class TrainingSpec:
     config_overrides: tuple = ()
 
 
+def causal_lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy. Vocab-sharded logits (``tp.apply(..., loss_parallel=True)``)
+    go through torch's vocab-parallel cross-entropy and are never gathered."""
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    with loss_parallel():
+        logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+    return loss.detach()
+
+
 def compare_training(spec: TrainingSpec) -> dict:
     """Run on every rank of a process group; returns per-step losses and the trained parameters' gap."""
     import torch.distributed as dist
@@ -49,11 +61,10 @@ def compare_training(spec: TrainingSpec) -> dict:
     for _ in range(spec.steps):
         ids = torch.randint(3, vocab, (spec.batch, spec.seq), generator=gen)
         for name, m, opt in (("reference", reference, optimizers[0]), ("sharded", model, optimizers[1])):
-            loss = m(input_ids=ids, labels=ids).loss
-            loss.backward()
+            loss = causal_lm_loss(m, ids)
             opt.step()
             opt.zero_grad()
-            losses[name].append(full_tensor(loss.detach()).item())
+            losses[name].append(full_tensor(loss).item())
     trained = dict(reference.named_parameters())
     gaps = {name: (full_tensor(p.detach(), like=p) - trained[name].detach()).abs().max().item()
             for name, p in model.named_parameters()}
