@@ -1,5 +1,6 @@
 """The command line as a user runs it, in fresh processes."""
 
+import re
 import subprocess
 import sys
 
@@ -40,8 +41,16 @@ def test_verify_prints_the_table_and_passes():
     out = run("verify", "llama", "--tp", "2")
     assert out.returncode == 0, out.stdout + out.stderr
     for needle in ("logits max abs diff", "worst gradient, relative", "forward collectives",
-                   "collectives per block (fwd / bwd)  2 / 2", "parameter bytes per rank", "result: PASS"):
+                   "parameter bytes per rank", "result: PASS"):
         assert needle in out.stdout
+    assert re.search(r"collectives per block \(fwd / bwd\)\s+2 / 2", out.stdout), out.stdout
+
+
+def test_verify_with_sequence_parallel_prints_gathers_scatters_and_activation_bytes():
+    out = run("verify", "llama", "--tp", "2", "--sequence-parallel")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"first block's forward\s+all_gather 2, reduce_scatter 2", out.stdout), out.stdout
+    assert re.search(r"activation bytes per rank between blocks\s+8,192 of 16,384 \(0.50\)", out.stdout), out.stdout
 
 
 def test_unknown_family_is_one_clear_line():
