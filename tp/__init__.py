@@ -10,6 +10,7 @@ from .errors import (
     TPError,
 )
 from .gather import full_state_dict, full_tensor
+from . import random  # noqa: F401  (tp.random.seed / check_in_sync)
 from .registry import load_registry
 from .verification import VerifyResult, verify
 
@@ -25,6 +26,7 @@ __all__ = [
     "full_state_dict",
     "full_tensor",
     "load_registry",
+    "random",
     "resolve",
     "verify",
 ]
