@@ -1,6 +1,7 @@
 """tp: tensor parallelism for any PyTorch model, in one call, on torch's DTensor machinery."""
 
 from .apply import apply, resolve
+from .checkpoint import CheckpointError, from_pretrained, load, save_pretrained
 from .errors import (
     AlreadyShardedError,
     MeshError,
@@ -15,6 +16,10 @@ from .registry import load_registry
 from .verification import VerifyResult, verify
 
 __all__ = [
+    "CheckpointError",
+    "from_pretrained",
+    "load",
+    "save_pretrained",
     "AlreadyShardedError",
     "MeshError",
     "PlanError",

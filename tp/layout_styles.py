@@ -121,12 +121,21 @@ def place_parameter(module: nn.Module, name: str, layout: Layout, dim: int, mesh
         placed = nn.Parameter(distribute_tensor(param.detach(), mesh, [placement], src_data_rank=None),
                               requires_grad=param.requires_grad)
     else:
-        placed = nn.Parameter(layout.shard(param.detach(), dim, tp, rank), requires_grad=param.requires_grad)
-        placed._tp_local_shard = LocalShard(layout, dim, mesh)
-        if layout.replicated_rows(tp, rank) and placed.requires_grad:
-            group = mesh.get_group()
-            placed.register_post_accumulate_grad_hook(lambda p: layout.sum_replicated(p.grad, dim, group))
+        placed = local_shard_parameter(layout.shard(param.detach(), dim, tp, rank), LocalShard(layout, dim, mesh),
+                                       requires_grad=param.requires_grad)
     module.register_parameter(name, placed)
+
+
+def local_shard_parameter(local: torch.Tensor, shard: LocalShard, *, requires_grad: bool = True) -> nn.Parameter:
+    """A parameter holding this rank's rows of ``shard.layout``, tagged for gathering, whose
+    replicated rows (kv heads shared with other ranks) get their gradient summed over replicas."""
+    param = nn.Parameter(local, requires_grad=requires_grad)
+    param._tp_local_shard = shard
+    mesh, layout, dim = shard.mesh, shard.layout, shard.dim
+    if layout.replicated_rows(mesh.size(), mesh.get_local_rank()) and requires_grad:
+        group = mesh.get_group()
+        param.register_post_accumulate_grad_hook(lambda p: layout.sum_replicated(p.grad, dim, group))
+    return param
 
 
 _LENT = "_tp_lent_params"  # the module's own parameters while its forward runs on local shards

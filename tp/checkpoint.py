@@ -1,0 +1,245 @@
+"""Load a Hugging Face safetensors checkpoint straight into a sharded model, and save one back.
+
+``from_pretrained`` builds the model with its parameters on the meta device (no memory),
+shards it with ``tp.apply``, then ``load`` reads for every parameter only the rows this rank
+holds (``safe_open(...).get_slice``), whatever the layout: contiguous shards, strided parts
+(fused qkv, packed gate_up, Yuan's v/o halves), replicated kv heads, tied embeddings. A rank
+never holds more than its shards. ``save_pretrained`` gathers the parameters one by one and
+writes an ordinary Hugging Face checkpoint from rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from .errors import TPError
+from .gather import full_tensor, local_shard_of
+from .layout_styles import local_shard_parameter
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(TPError):
+    """A checkpoint that cannot be loaded into the model: missing, mis-shaped or unreadable tensors."""
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Create modules with their parameters on the meta device and their buffers real (rotary
+    frequencies and other buffers a checkpoint does not hold are computed as usual)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def checkpoint_files(directory: str | os.PathLike) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it (single file or indexed shards)."""
+    directory = Path(directory)
+    if (directory / INDEX_FILE).is_file():
+        weight_map = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
+        return {name: directory / file for name, file in weight_map.items()}
+    if (directory / SINGLE_FILE).is_file():
+        from safetensors import safe_open
+
+        with _opened(directory / SINGLE_FILE) as f:
+            return {name: directory / SINGLE_FILE for name in f.keys()}
+    raise CheckpointError(f"{directory}: no {SINGLE_FILE} nor {INDEX_FILE}; tp loads safetensors checkpoints "
+                          "(save one with save_pretrained(..., safe_serialization=True))")
+
+
+@contextlib.contextmanager
+def _opened(path: Path):
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except (OSError, RuntimeError, ValueError) as e:  # safetensors raises its own SafetensorError too
+        raise CheckpointError(f"cannot read {path}: {e} (truncated, or not a safetensors file?)") from e
+    except Exception as e:
+        if type(e).__name__ == "SafetensorError":
+            raise CheckpointError(f"cannot read {path}: {e} (truncated, or not a safetensors file?)") from e
+        raise
+
+
+def _local_indices(param: torch.Tensor) -> tuple[int | None, list[int] | None]:
+    """(dimension, indices along it) of the rows this rank holds; (None, None) for a whole tensor."""
+    shard = local_shard_of(param)
+    if shard is not None:
+        return shard.dim, shard.layout.rows(shard.mesh.size(), shard.mesh.get_local_rank())
+    if isinstance(param, DTensor):
+        (placement,) = param.placements
+        if isinstance(placement, Replicate):
+            return None, None
+        mesh, dim = param.device_mesh, placement.dim % param.dim()
+        # the same placement on the rows' index vector tells which rows this rank holds
+        on_indices = (_StridedShard(0, split_factor=placement.split_factor) if isinstance(placement, _StridedShard)
+                      else Shard(0))
+        chunks, _ = on_indices._split_tensor(torch.arange(param.shape[dim]), mesh.size(), with_padding=False)
+        return dim, chunks[mesh.get_local_rank()].tolist()
+    return None, None
+
+
+def _global_shape(param: torch.Tensor) -> tuple[int, ...]:
+    shard = local_shard_of(param)
+    shape = list(param.shape)
+    if shard is not None:
+        shape[shard.dim] = shard.layout.size
+    return tuple(shape)
+
+
+def _read_rows(tensor_slice, shape, dim: int | None, rows: list[int] | None) -> torch.Tensor:
+    """Read only ``rows`` along ``dim``, one contiguous run at a time."""
+    if dim is None:
+        return tensor_slice[:]
+    runs, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1:
+            runs.append((rows[start], rows[i - 1] + 1))
+            start = i
+    pieces = []
+    for first, end in runs:
+        index = [slice(None)] * len(shape)
+        index[dim] = slice(first, end)
+        pieces.append(tensor_slice[tuple(index)])
+    return torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0]
+
+
+def _progress(enabled: bool | None):
+    import torch.distributed as dist
+
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    show = rank0 and (sys.stderr.isatty() if enabled is None else enabled)
+
+    def update(done: int, total: int, name: str) -> None:
+        if show:
+            end = "\n" if done == total else ""
+            print(f"\rtp: loading {done}/{total} tensors ({name})\x1b[K", end=end, file=sys.stderr, flush=True)
+
+    return update
+
+
+def load(model: nn.Module, checkpoint_dir: str | os.PathLike, *, progress: bool | None = None) -> None:
+    """Fill a model sharded by ``tp.apply`` (parameters on the meta device or not) from a
+    safetensors checkpoint, reading on each rank only its own rows.
+
+    Every parameter must be in the checkpoint with its unsharded shape (tied parameters once);
+    otherwise CheckpointError names the tensor and the file, before any parameter is replaced.
+    ``progress``: a progress line on rank 0 (default: when stderr is a terminal).
+    """
+    from .apply import _retie, _tied_groups
+
+    files = checkpoint_files(checkpoint_dir)
+    ties = _tied_groups(model)
+    tied_aliases = {f"{p}.{n}" if p else n for group in ties for p, n in group[1:]}
+    params = [(name, p) for name, p in model.named_parameters(remove_duplicate=False) if name not in tied_aliases]
+    missing = [name for name, _ in params if name not in files]
+    if missing:
+        raise CheckpointError(f"{checkpoint_dir}: the checkpoint lacks {len(missing)} tensor(s) the model needs: "
+                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    handles: dict[Path, object] = {}
+    loaded: dict[str, torch.Tensor] = {}
+    update = _progress(progress)
+    with contextlib.ExitStack() as stack:
+        for done, (name, param) in enumerate(params, 1):
+            path = files[name]
+            if path not in handles:
+                try:
+                    handles[path] = stack.enter_context(_opened(path))
+                except CheckpointError as e:
+                    raise CheckpointError(f"{e}; it holds {name}") from e
+            try:
+                tensor_slice = handles[path].get_slice(name)
+                shape = tuple(tensor_slice.get_shape())
+            except Exception as e:
+                raise CheckpointError(f"{path}: cannot read tensor {name}: {e}") from e
+            if shape != _global_shape(param):
+                raise CheckpointError(f"{path}: tensor {name} has shape {list(shape)}, but the model's is "
+                                      f"{list(_global_shape(param))}; the checkpoint is for another configuration")
+            dim, rows = _local_indices(param)
+            try:
+                local = _read_rows(tensor_slice, shape, dim, rows)
+            except Exception as e:
+                raise CheckpointError(f"{path}: cannot read tensor {name}: {e} (truncated file?)") from e
+            if not (local.is_floating_point() or not param.is_floating_point()):
+                raise CheckpointError(f"{path}: tensor {name} is {local.dtype}, which the model's {param.dtype} "
+                                      "parameter cannot take")
+            loaded[name] = local.to(param.dtype)
+            update(done, len(params), name)
+    for name, param in params:
+        module_path, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_path)
+        module.register_parameter(attr, _materialize(param, loaded.pop(name)))
+    _retie(model, ties)
+
+
+def _materialize(param: torch.Tensor, local: torch.Tensor) -> nn.Parameter:
+    shard = local_shard_of(param)
+    if shard is not None:
+        return local_shard_parameter(local, shard, requires_grad=param.requires_grad)
+    if isinstance(param, DTensor):
+        placed = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                                    shape=param.shape, stride=param.stride())
+        return nn.Parameter(placed, requires_grad=param.requires_grad)
+    return nn.Parameter(local, requires_grad=param.requires_grad)
+
+
+def from_pretrained(checkpoint_dir: str | os.PathLike, mesh, *, dtype: torch.dtype = torch.float32,
+                    progress: bool | None = None, **apply_kwargs) -> nn.Module:
+    """Build, shard and load a Hugging Face causal LM without ever holding it whole.
+
+    Example::
+        >>> mesh = init_device_mesh("cuda", (8,))
+        >>> model = tp.from_pretrained("path/to/llama", mesh, dtype=torch.bfloat16)
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import modeling_yuan  # noqa: F401  (registers Yuan with the Auto classes)
+    from .apply import apply
+
+    config = AutoConfig.from_pretrained(checkpoint_dir, local_files_only=True)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    apply(model, mesh, **apply_kwargs)
+    load(model, checkpoint_dir, progress=progress)
+    return model.eval()
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, **kwargs) -> None:
+    """Write a sharded model as an ordinary Hugging Face checkpoint (un-permuted, unpacked).
+
+    A collective: call it on every rank. Parameters are gathered one at a time; rank 0 writes
+    them with the model's own ``save_pretrained`` (so it holds the whole state dict while writing).
+    """
+    import torch.distributed as dist
+
+    state = {name: full_tensor(value.detach(), like=value) for name, value in _named_state(model)}
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        model.save_pretrained(directory, state_dict=state, **kwargs)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _named_state(model: nn.Module):
+    params = dict(model.named_parameters())
+    for name, value in model.state_dict().items():
+        yield name, params.get(name, value)
