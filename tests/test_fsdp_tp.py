@@ -91,17 +91,12 @@ def _noise_rows(family: str, name: str, config) -> slice | None:
     return None
 
 
-KV_REPLICATED = pytest.mark.xfail(
-    strict=True,
-    reason="kv heads replicated over tp (kv=1 < tp=2): the gradient sum over the replicas is a "
-           "post-accumulate-grad hook on the Parameter that tp.apply made, and fully_shard replaces "
-           "that Parameter, so the hook never runs (losses diverge from step 3)")
-
-
 @pytest.mark.parametrize("family, overrides", [
     pytest.param("llama", {}, id="llama"),
     pytest.param("gpt2", {}, id="gpt2"),
-    pytest.param("llama", {"num_key_value_heads": 1}, marks=KV_REPLICATED, id="llama-kv1"),
+    # kv heads replicated over tp (kv=1 < tp=2): their gradient sum is part of the graph, so it
+    # survives fully_shard replacing the Parameters
+    pytest.param("llama", {"num_key_value_heads": 1}, id="llama-kv1"),
 ])
 def test_fsdp_tp_trains_like_unsharded(pool4, family, overrides):
     results = pool4.run(_train_fsdp_tp, family, overrides)

@@ -127,18 +127,39 @@ def place_parameter(module: nn.Module, name: str, layout: Layout, dim: int, mesh
 
 
 def local_shard_parameter(local: torch.Tensor, shard: LocalShard, *, requires_grad: bool = True) -> nn.Parameter:
-    """A parameter holding this rank's rows of ``shard.layout``, tagged for gathering, whose
-    replicated rows (kv heads shared with other ranks) get their gradient summed over replicas."""
+    """A parameter holding this rank's rows of ``shard.layout``, tagged for gathering. Its
+    replicated rows (kv heads shared with other ranks) get their gradient summed over the
+    replicas in the backward of each forward that used them (``SumReplicatedGrad``)."""
     param = nn.Parameter(local, requires_grad=requires_grad)
     param._tp_local_shard = shard
-    mesh, layout, dim = shard.mesh, shard.layout, shard.dim
-    if layout.replicated_rows(mesh.size(), mesh.get_local_rank()) and requires_grad:
-        group = mesh.get_group()
-        param.register_post_accumulate_grad_hook(lambda p: layout.sum_replicated(p.grad, dim, group))
     return param
 
 
+class SumReplicatedGrad(torch.autograd.Function):
+    """Identity in the forward; in the backward, sums the gradient of ``shard``'s replicated rows
+    over the ranks that hold them (one all-reduce).
+
+    Part of the graph rather than a hook on the Parameter: FSDP2 replaces the Parameters, and a
+    post-accumulate hook would sum earlier micro-batches again under gradient accumulation.
+    """
+
+    @staticmethod
+    def forward(ctx, local, shard):
+        ctx.shard = shard
+        return local.view_as(local)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shard = ctx.shard
+        grad = grad.contiguous().clone()
+        shard.layout.sum_replicated(grad, shard.dim, shard.mesh.get_group())
+        return grad, None
+
+
 _LENT = "_tp_lent_params"  # the module's own parameters while its forward runs on local shards
+# name -> LocalShard of the parameters with replicated rows; kept on the module, since FSDP2
+# replaces the Parameter objects (and their tags) with its own
+_REPLICATED = "_tp_replicated_rows"
 
 
 def lend_local_params(module: nn.Module, names, local_fn) -> None:
@@ -204,8 +225,11 @@ class LayoutParallel(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         layouts = self.layouts(module)
         self._check_sizes(module, layouts, device_mesh.size())
+        tp, rank = device_mesh.size(), device_mesh.get_local_rank()
         for name, (layout, dim) in layouts.items():
             place_parameter(module, name, layout, dim, device_mesh)
+            if layout.replicated_rows(tp, rank):
+                module.__dict__.setdefault(_REPLICATED, {})[name] = LocalShard(layout, dim, device_mesh)
         self._place_rest(module, device_mesh, layouts)
         module.register_forward_pre_hook(partial(self._lend_local, device_mesh), with_kwargs=True)
         module.register_forward_hook(partial(self._take_back, device_mesh), always_call=True)
@@ -223,7 +247,15 @@ class LayoutParallel(ParallelStyle):
         else:
             raise TypeError(f"{type(self).__name__}: {type(module).__name__} was called without an input")
         x = self._local_input(module, x, device_mesh)
-        lend_local_params(module, ("weight", "bias"), self._local_param)
+        replicated = module.__dict__.get(_REPLICATED, {})
+
+        def local(name, param):
+            out = self._local_param(name, param)
+            if name in replicated and out.requires_grad:
+                out = SumReplicatedGrad.apply(out, replicated[name])
+            return out
+
+        lend_local_params(module, ("weight", "bias"), local)
         return rebuild(x)
 
     def _take_back(self, device_mesh, module, args, output):
