@@ -58,10 +58,8 @@ def checkpoint_files(directory: str | os.PathLike) -> dict[str, Path]:
         weight_map = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
         return {name: directory / file for name, file in weight_map.items()}
     if (directory / SINGLE_FILE).is_file():
-        from safetensors import safe_open
-
         with _opened(directory / SINGLE_FILE) as f:
-            return {name: directory / SINGLE_FILE for name in f.keys()}
+            return dict.fromkeys(f.keys(), directory / SINGLE_FILE)
     raise CheckpointError(f"{directory}: no {SINGLE_FILE} nor {INDEX_FILE}; tp loads safetensors checkpoints "
                           "(save one with save_pretrained(..., safe_serialization=True))")
 

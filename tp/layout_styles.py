@@ -25,7 +25,13 @@ from functools import partial
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import (
+    DTensor,
+    Partial,
+    Replicate,
+    Shard,
+    distribute_tensor,
+)
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from .errors import PlanError, SizeError
@@ -57,7 +63,7 @@ def parameter_dims(module: nn.Module, kind: str, who: str | None = None) -> dict
 
     ``who`` names the style in errors (default: ``kind``)."""
     who = who or kind
-    if isinstance(module, nn.Linear) or isinstance(module, CONVOLUTIONS):
+    if isinstance(module, (nn.Linear, *CONVOLUTIONS)):
         if isinstance(module, CONVOLUTIONS) and module.groups != 1:
             raise NotImplementedError(
                 f"{who}: grouped or depthwise convolutions are not supported ({module} has "
@@ -354,7 +360,7 @@ class RowwiseLayout(LayoutParallel):
         return super()._local_param(name, param)
 
     def _local_input(self, module, x, device_mesh) -> torch.Tensor:
-        layout, dim = self.layouts(module)["weight"]
+        layout, _ = self.layouts(module)["weight"]
         features = feature_dim(module, x)
         if isinstance(x, DTensor):
             wanted = layout.placement(features, device_mesh.size())
