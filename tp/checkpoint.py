@@ -197,7 +197,10 @@ def _materialize(param: torch.Tensor, local: torch.Tensor) -> nn.Parameter:
     if isinstance(param, DTensor):
         placed = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
                                     shape=param.shape, stride=param.stride())
-        return nn.Parameter(placed, requires_grad=param.requires_grad)
+        new = nn.Parameter(placed, requires_grad=param.requires_grad)
+        if hasattr(param, "_tp_layout"):
+            new._tp_layout = param._tp_layout
+        return new
     return nn.Parameter(local, requires_grad=param.requires_grad)
 
 

@@ -126,6 +126,7 @@ def place_parameter(module: nn.Module, name: str, layout: Layout, dim: int, mesh
     if placement is not None:
         placed = nn.Parameter(distribute_tensor(param.detach(), mesh, [placement], src_data_rank=None),
                               requires_grad=param.requires_grad)
+        placed._tp_layout = LocalShard(layout, dim, mesh)  # its parts, for checkpoints that reshard
     else:
         placed = local_shard_parameter(layout.shard(param.detach(), dim, tp, rank), LocalShard(layout, dim, mesh),
                                        requires_grad=param.requires_grad)
