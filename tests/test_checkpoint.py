@@ -134,3 +134,16 @@ def test_bad_checkpoint_is_one_clear_error(how, words, checkpoints, tmp_path, po
 def test_no_checkpoint_in_the_directory(tmp_path):
     with pytest.raises(tp.CheckpointError, match="no model.safetensors"):
         tp.checkpoint.checkpoint_files(tmp_path)
+
+
+def test_progress_line_on_rank_zero_only_when_asked_or_on_a_terminal(capsys):
+    from tp.checkpoint import _progress
+
+    update = _progress(True)
+    update(1, 2, "a.weight")
+    update(2, 2, "b.weight")
+    err = capsys.readouterr().err
+    assert "tp: loading 1/2 tensors (a.weight)" in err and err.endswith("\n")
+    _progress(False)(1, 2, "a.weight")
+    _progress(None)(1, 2, "a.weight")  # stderr is not a terminal under pytest
+    assert capsys.readouterr().err == ""
