@@ -373,12 +373,12 @@ class StyleSpec:
         if unknown:
             allowed = ", ".join(params) or "none"
             raise ValueError(f"style {name!r} takes no argument {', '.join(unknown)}; allowed: {allowed}")
-        for key, value in args.items():
+        for key, given in args.items():
             default = params[key].default
             expected = int if key == "sequence_dim" else type(default)
             if key != "parts" and default is not inspect.Parameter.empty and expected is not type(None) \
-                    and not isinstance(value, expected):
-                raise ValueError(f"style {name!r}: {key} must be {expected.__name__}, found {value!r}")
+                    and not isinstance(given, expected):
+                raise ValueError(f"style {name!r}: {key} must be {expected.__name__}, found {given!r}")
         return cls(name, tuple(sorted(args.items())))
 
     def build(self, **context) -> ParallelStyle:
