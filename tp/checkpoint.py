@@ -2,7 +2,7 @@
 
 ``from_pretrained`` builds the model with its parameters on the meta device (no memory),
 shards it with ``tp.apply``, then ``load`` reads for every parameter only the rows this rank
-holds (``safe_open(...).get_slice``), whatever the layout: contiguous shards, strided parts
+holds (its byte ranges of the safetensors files, read with ``os.pread``), whatever the layout: contiguous shards, strided parts
 (fused qkv, packed gate_up, Yuan's v/o halves), replicated kv heads, tied embeddings. A rank
 never holds more than its shards. ``save_pretrained`` gathers the parameters one by one and
 writes an ordinary Hugging Face checkpoint from rank 0.
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import struct
 import sys
 from pathlib import Path
 
@@ -64,19 +66,93 @@ def checkpoint_files(directory: str | os.PathLike) -> dict[str, Path]:
                           "(save one with save_pretrained(..., safe_serialization=True))")
 
 
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """A safetensors file read with ``os.pread`` into fresh tensors, never memory-mapped.
+
+    A memory map (``safe_open``) makes the pages a rank touches part of its RSS, and the slice
+    of a column-sharded weight touches nearly every page of the tensor; reading only this
+    rank's byte ranges keeps its memory at its own rows.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+            (length,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            self.header = json.loads(os.pread(self.fd, length, 8))
+        except (OSError, struct.error, ValueError) as e:
+            raise CheckpointError(f"cannot read {path}: {e} (truncated, or not a safetensors file?)") from e
+        self.header.pop("__metadata__", None)
+        self.base = 8 + length
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self.header[name]["dtype"]
+        if code not in DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name} has dtype {code}, which tp cannot read")
+        return DTYPES[code]
+
+    def read(self, name: str, dim: int | None, rows: list[int] | None) -> torch.Tensor:
+        """The tensor, or only ``rows`` along ``dim``, one contiguous run of bytes at a time."""
+        shape, dtype = list(self.shape(name)), self.dtype(name)
+        start = self.base + self.header[name]["data_offsets"][0]
+        if dim is None:
+            dim, rows = 0, list(range(shape[0])) if shape else []
+        if not shape:  # a scalar
+            return self._bytes_to_tensor(start, torch.empty((), dtype=dtype), name)
+        outer = math.prod(shape[:dim])
+        inner = math.prod(shape[dim + 1:]) * torch.empty((), dtype=dtype).element_size()
+        out = torch.empty(shape[:dim] + [len(rows)] + shape[dim + 1:], dtype=dtype)
+        buffer = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
+        position, runs = 0, _runs(rows)
+        for o in range(outer):
+            for first, end in runs:
+                size = (end - first) * inner
+                got = os.preadv(self.fd, [buffer[position:position + size]],
+                                start + (o * shape[dim] + first) * inner)
+                if got != size:
+                    raise CheckpointError(f"cannot read {self.path}: the file ends inside tensor {name} "
+                                          f"(truncated?); it holds {name}")
+                position += size
+        return out
+
+    def _bytes_to_tensor(self, offset: int, out: torch.Tensor, name: str) -> torch.Tensor:
+        data = os.pread(self.fd, out.element_size(), offset)
+        if len(data) != out.element_size():
+            raise CheckpointError(f"cannot read {self.path}: the file ends inside tensor {name} (truncated?)")
+        return torch.frombuffer(bytearray(data), dtype=out.dtype).reshape(())
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 @contextlib.contextmanager
 def _opened(path: Path):
-    from safetensors import safe_open
-
+    f = SafetensorsFile(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            yield f
-    except (OSError, RuntimeError, ValueError) as e:  # safetensors raises its own SafetensorError too
-        raise CheckpointError(f"cannot read {path}: {e} (truncated, or not a safetensors file?)") from e
-    except Exception as e:
-        if type(e).__name__ == "SafetensorError":
-            raise CheckpointError(f"cannot read {path}: {e} (truncated, or not a safetensors file?)") from e
-        raise
+        yield f
+    finally:
+        f.close()
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Contiguous runs ``[first, end)`` of sorted row indices."""
+    runs, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1:
+            runs.append((rows[start], rows[i - 1] + 1))
+            start = i
+    return runs
 
 
 def _local_indices(param: torch.Tensor) -> tuple[int | None, list[int] | None]:
@@ -103,23 +179,6 @@ def _global_shape(param: torch.Tensor) -> tuple[int, ...]:
     if shard is not None:
         shape[shard.dim] = shard.layout.size
     return tuple(shape)
-
-
-def _read_rows(tensor_slice, shape, dim: int | None, rows: list[int] | None) -> torch.Tensor:
-    """Read only ``rows`` along ``dim``, one contiguous run at a time."""
-    if dim is None:
-        return tensor_slice[:]
-    runs, start = [], 0
-    for i in range(1, len(rows) + 1):
-        if i == len(rows) or rows[i] != rows[i - 1] + 1:
-            runs.append((rows[start], rows[i - 1] + 1))
-            start = i
-    pieces = []
-    for first, end in runs:
-        index = [slice(None)] * len(shape)
-        index[dim] = slice(first, end)
-        pieces.append(tensor_slice[tuple(index)])
-    return torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0]
 
 
 def _progress(enabled: bool | None):
@@ -165,19 +224,15 @@ def load(model: nn.Module, checkpoint_dir: str | os.PathLike, *, progress: bool 
                     handles[path] = stack.enter_context(_opened(path))
                 except CheckpointError as e:
                     raise CheckpointError(f"{e}; it holds {name}") from e
-            try:
-                tensor_slice = handles[path].get_slice(name)
-                shape = tuple(tensor_slice.get_shape())
-            except Exception as e:
-                raise CheckpointError(f"{path}: cannot read tensor {name}: {e}") from e
+            f = handles[path]
+            if name not in f.header:
+                raise CheckpointError(f"{path}: tensor {name} is not in the file its index names")
+            shape = f.shape(name)
             if shape != _global_shape(param):
                 raise CheckpointError(f"{path}: tensor {name} has shape {list(shape)}, but the model's is "
                                       f"{list(_global_shape(param))}; the checkpoint is for another configuration")
             dim, rows = _local_indices(param)
-            try:
-                local = _read_rows(tensor_slice, shape, dim, rows)
-            except Exception as e:
-                raise CheckpointError(f"{path}: cannot read tensor {name}: {e} (truncated file?)") from e
+            local = f.read(name, dim, rows)
             if not (local.is_floating_point() or not param.is_floating_point()):
                 raise CheckpointError(f"{path}: tensor {name} is {local.dtype}, which the model's {param.dtype} "
                                       "parameter cannot take")
