@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from .errors import TPError
-from .gather import full_tensor, local_shard_of
+from .gather import full_state_dict, local_shard_of
 from .layout_styles import local_shard_parameter
 
 SINGLE_FILE = "model.safetensors"
@@ -288,14 +288,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, **kwargs) ->
     """
     import torch.distributed as dist
 
-    state = {name: full_tensor(value.detach(), like=value) for name, value in _named_state(model)}
+    state = full_state_dict(model)
     if not dist.is_initialized() or dist.get_rank() == 0:
         model.save_pretrained(directory, state_dict=state, **kwargs)
     if dist.is_initialized():
         dist.barrier()
-
-
-def _named_state(model: nn.Module):
-    params = dict(model.named_parameters())
-    for name, value in model.state_dict().items():
-        yield name, params.get(name, value)
