@@ -174,15 +174,15 @@ def test_overrides_beat_inferred_plan(neox, monkeypatch):
     base = tp.resolve(neox, 2)
     assert base.family is None
     attn, mlp = "gpt_neox_japanese.layers.0.attention", "gpt_neox_japanese.layers.0.mlp"
-    assert family_default(base, f"{attn}.query_key_value") == ("colwise", "inferred")
-    assert family_default(base, f"{attn}.dense") == ("rowwise", "inferred")
-    assert family_default(base, f"{mlp}.dense_4h_to_h") == ("rowwise", "built-in list")
+    assert family_default(base, f"{attn}.query_key_value") == ("colwise", "inferred (dataflow)")
+    assert family_default(base, f"{attn}.dense") == ("rowwise", "inferred (dataflow)")
+    assert family_default(base, f"{mlp}.dense_4h_to_h") == ("rowwise", "inferred (dataflow)")
 
     monkeypatch.setenv("KEEP_LINEAR_ITEMS", "attention.dense")
     resolved = tp.resolve(neox, 2, allreduce="dense_4h_to_h")
     assert family_default(resolved, f"{attn}.dense") == ("keep", "environment")
     assert family_default(resolved, f"{mlp}.dense_4h_to_h") == ("rowwise", "argument")
-    assert family_default(resolved, f"{mlp}.dense_h_to_4h") == ("colwise", "inferred")
+    assert family_default(resolved, f"{mlp}.dense_h_to_4h") == ("colwise", "inferred (dataflow)")
 
 
 class _Block(nn.Module):

@@ -32,11 +32,14 @@ def resolve(
     strict: bool = False,
     loss_parallel: bool = False,
     sequence_parallel: bool = False,
+    _inference=None,
+    _units: set[str] | None = None,
 ) -> plan_.ResolvedPlan:
     """The plan ``apply`` would use, without sharding anything (works on the meta device)."""
     reg = load_registry(registry)
     resolved = plan_.resolve(
-        model, reg, family=family, overrides=overrides_.collect(allreduce, keep, config), strict=strict
+        model, reg, family=family, overrides=overrides_.collect(allreduce, keep, config), strict=strict,
+        inference=_inference, units=_units,
     )
     if loss_parallel:
         heads = [p for p, d in resolved.decisions.items() if d.style.name == "lm_head"]
@@ -94,6 +97,27 @@ def _retie(model: nn.Module, groups: list[list[tuple[str, str]]]) -> None:
             setattr(model.get_submodule(path), name, sharded)
 
 
+def _tried(model: nn.Module, mesh: DeviceMesh, resolved: plan_.ResolvedPlan, options: dict,
+           loss_parallel: bool) -> plan_.ResolvedPlan:
+    """The inferred plan less the units that do not reproduce the unsharded model (tp/trial.py)."""
+    from .trial import failing_units
+
+    inference = resolved.inference
+    failing = failing_units(inference.twin, mesh, list(resolved.units), options)
+    if not failing:
+        return resolved
+    working = set(resolved.units) - set(failing)
+    reasons = "; ".join(f"{key}: {why}" for key, why in failing.items())
+    if not working:
+        raise PlanError(
+            f"{type(model).__name__}: no family in the registry recognises it, and no part of the plan inferred from "
+            f"its dataflow matched the unsharded model when tried on {inference.traced} ({reasons}). Add a family "
+            "to registry.toml (README: 'Contributing a family')")
+    tried = resolve(model, mesh.size(), loss_parallel=loss_parallel, _inference=inference, _units=working, **options)
+    tried.warnings += [f"{key} stays whole: tried on {inference.traced}, {why}" for key, why in failing.items()]
+    return tried
+
+
 def apply(
     model: nn.Module,
     mesh: DeviceMesh,
@@ -106,6 +130,8 @@ def apply(
     strict: bool = False,
     loss_parallel: bool = False,
     sequence_parallel: bool = False,
+    trial: bool = True,
+    _units: set[str] | None = None,
 ) -> report_.Report:
     """Shard ``model`` in place over the 1-D ``mesh`` and return a report of what was done.
 
@@ -123,6 +149,9 @@ def apply(
             sequence parallelism): norms run on sequence shards, each block gathers its input once
             and reduce-scatters its output. The model's hidden states between blocks are then
             sequence-sharded DTensors.
+        trial: for a plan inferred from the traced dataflow (no registry family), first shard a
+            copy of the traced model on ``mesh`` and keep only the parts of the plan that match
+            the unsharded copy (tp/trial.py). Every rank must call ``apply`` with the same model.
 
     Example::
         >>> mesh = init_device_mesh("cpu", (2,))
@@ -131,15 +160,19 @@ def apply(
     """
     tp = _check_mesh(mesh)
     _check_not_sharded(model)
-    resolved = resolve(model, tp, family=family, allreduce=allreduce, keep=keep, config=config,
-                       registry=registry, strict=strict, loss_parallel=loss_parallel,
-                       sequence_parallel=sequence_parallel)
+    options = dict(allreduce=allreduce, keep=keep, config=config, registry=registry, strict=strict,
+                   sequence_parallel=sequence_parallel)
+    resolved = resolve(model, tp, family=family, loss_parallel=loss_parallel, _units=_units, **options)
+    if resolved.inference is not None and trial and _units is None:
+        resolved = _tried(model, mesh, resolved, options, loss_parallel)
     sizes.check(model, resolved, tp)
     report = report_.build(model, resolved, tp)
     ties = _tied_groups(model)
     heads = resolved.heads
     parallelize_module(model, mesh, resolved.styles(model))
     _retie(model, ties)
+    if resolved.local_counts:
+        set_local_counts(model, resolved.local_counts, heads, tp)
     if resolved.family:
         reg = load_registry(registry)
         sizes.divide_attributes(model, reg.inherited(resolved.family, "divide"), tp)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m tp plan ...`` (dry run) and ``python -m tp verify ...``."""
+"""Command line: ``python -m tp plan ...`` (dry run), ``python -m tp verify ...`` and ``python -m tp census``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,11 @@ def _verify(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["census"]:
+        from .census import main as census
+
+        return census(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m tp", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -72,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--show-plan", action="store_true", help="print the plan report too")
     _add_plan_options(verify)
     verify.set_defaults(run=_verify)
+
+    commands.add_parser("census", help="shard every causal-LM type of transformers, check each, write "
+                                       "docs/coverage.md (python -m tp census --help)")
 
     args = parser.parse_args(argv)
     try:

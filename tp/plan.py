@@ -14,6 +14,8 @@ from torch import nn
 
 from .errors import PlanError
 from .heads import Heads, heads_of
+from .hf_plans import transformers_plan, translated_style
+from .inference import Inference, expand, infer, untraced_blocks
 from .overrides import Overrides
 from .patterns import closest_names, matches, specificity
 from .registry import Registry
@@ -39,6 +41,9 @@ class ResolvedPlan:
     decisions: dict[str, Decision]
     warnings: list[str] = field(default_factory=list)
     heads: Heads | None = None
+    inference: Inference | None = None  # set when the plan was inferred from the traced dataflow
+    local_counts: dict[str, str] = field(default_factory=dict)  # inferred "path.attr" -> head kind
+    units: dict[str, list[str]] = field(default_factory=dict)  # inferred unit key -> its module paths
 
     def styles(self, model: nn.Module):
         return {path: d.style.build(heads=self.heads, module=model.get_submodule(path))
@@ -126,10 +131,11 @@ def with_sequence_parallel(plan: ResolvedPlan, model: nn.Module, registry: Regis
 
 
 def find_blocks(model: nn.Module) -> list[str]:
-    """Paths of the repeated blocks: the children of the largest list of same-class modules."""
+    """Paths of the repeated blocks: the children of the largest list of modules (hybrid models
+    mix block classes, attention and state-space layers, in one list)."""
     best, best_size = None, 0
     for path, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+        if isinstance(module, nn.ModuleList) and len(module):
             size = sum(p.numel() for p in module.parameters())
             if size > best_size:
                 best, best_size = path, size
@@ -138,8 +144,8 @@ def find_blocks(model: nn.Module) -> list[str]:
     return [f"{best}.{i}" for i in range(len(model.get_submodule(best)))]
 
 
-def infer_plan(model: nn.Module, registry: Registry) -> dict[str, Decision]:
-    """DeepSpeed AutoTP's rule: per sub-block of each repeated block, the linear that feeds the
+def infer_plan_from_names(model: nn.Module, registry: Registry) -> dict[str, Decision]:
+    """For a model that cannot be traced (no token embedding to feed): DeepSpeed AutoTP's rule: per sub-block of each repeated block, the linear that feeds the
     residual stream (a built-in all-reduce name, else the last linear) is row-parallel, the
     keep list stays whole, every other linear is column-parallel."""
     blocks = find_blocks(model)
@@ -183,7 +189,10 @@ def resolve(
     family: str | None = None,
     overrides: list[Overrides] = (),
     strict: bool = False,
+    inference: Inference | None = None,
+    units: set[str] | None = None,
 ) -> ResolvedPlan:
+    """``inference`` reuses an earlier trace; ``units`` limits an inferred plan to those unit keys."""
     modules = dict(model.named_modules())
     del modules[""]
     paths = list(modules)
@@ -206,7 +215,12 @@ def resolve(
                 decisions[path] = Decision(path, hit[1], f"family {family}", hit[0])
         _report_unmatched(plan, used, paths, where, strict, problems)
     else:
-        decisions = infer_plan(model, registry)
+        inference = infer_from_dataflow(model, registry, decisions, problems, inference, units)
+        if inference is None:
+            decisions = infer_plan_from_names(model, registry)
+            problems.append("the plan was inferred from module names only (the model has no token embedding "
+                            "to trace it with); check it with tp.verify(model_factory=...)")
+            warnings.warn(problems[-1], stacklevel=3)
 
     linears = [p for p in paths if isinstance(modules[p], LINEAR_TYPES)]
     for source in reversed(list(overrides)):
@@ -241,4 +255,49 @@ def resolve(
 
     ordered = {p: decisions[p] for p in paths if p in decisions}
     keys = registry.inherited(family, "heads") if family else None
-    return ResolvedPlan(family, ordered, problems, heads_of(getattr(model, "config", None), keys))
+    resolved = ResolvedPlan(family, ordered, problems, heads_of(getattr(model, "config", None), keys))
+    if family is None and inference is not None:
+        resolved.inference = inference
+        _, resolved.local_counts, resolved.units = expand(model, find_blocks(model), inference, units)
+    return resolved
+
+
+INFERRED = "inferred (dataflow)"
+CONFIRMED = "transformers plan (dataflow agrees)"
+
+
+def infer_from_dataflow(model: nn.Module, registry: Registry, decisions: dict[str, Decision],
+                        problems: list[str], inference: Inference | None = None,
+                        units: set[str] | None = None) -> Inference | None:
+    """Fill ``decisions`` from the traced dataflow (``tp/inference.py``), labelled with the source
+    that decided: the trace alone, or a transformers plan that says the same."""
+    blocks = find_blocks(model)
+    if not blocks:
+        raise PlanError(
+            f"{type(model).__name__}: no family in the registry recognises it and no repeated blocks were "
+            "found to infer a plan from; add a family to registry.toml (README: 'Contributing a family')")
+    inference = inference or infer(model, blocks, registry.keep_linear_items)
+    if inference is None:
+        return None
+    if inference.problems:
+        raise PlanError(f"{type(model).__name__}: no family in the registry recognises it, and its plan cannot be "
+                        f"inferred: {'; '.join(inference.problems)}. Add a family to registry.toml")
+    styles, _, _ = expand(model, blocks, inference, units)
+    if not styles:
+        reasons = "; ".join(f"{m}: {why}" for m, why in list(inference.kept.items())[:6])
+        raise PlanError(f"{type(model).__name__}: no family in the registry recognises it, and no part of its blocks "
+                        f"can be sharded safely ({reasons}). Add a family to registry.toml, or use data parallelism")
+    if inference.embedding:
+        styles[inference.embedding] = StyleSpec("embedding")
+    if inference.lm_head:
+        styles[inference.lm_head] = StyleSpec("lm_head")
+    theirs = transformers_plan(model)
+    for path, style in styles.items():
+        original, translated = translated_style(theirs, path, style.name)
+        source = CONFIRMED if translated == style.name else INFERRED
+        if original and translated != style.name:
+            source += f"; transformers plan says {original}"
+        decisions[path] = Decision(path, style, source)
+    for path in untraced_blocks(model, blocks, inference):
+        problems.append(f"{path} has a structure the trace of {inference.traced} did not see; it stays whole")
+    return inference

@@ -35,6 +35,7 @@ from torch.distributed.tensor.parallel import (
 
 from .errors import PlanError
 from .experts import PackedExperts
+from .grad_sums import SumGrads
 from .head_inputs import SliceHeadInput
 from .heads import Heads
 from .layout_styles import CONVOLUTIONS, UNITS, ColwiseLayout, Conv1D, RowwiseLayout
@@ -288,6 +289,11 @@ def head_norm(*, head_dim: int = 2) -> ParallelStyle:
     return HeadNorm(head_dim=head_dim)
 
 
+def sum_grads(*, params: tuple = ()) -> ParallelStyle:
+    """Parameters used whole on sharded activations (per-head norms, learnable scalars): gradients summed."""
+    return SumGrads(params=params)
+
+
 def head_input(*, kwarg: str, index: int | None = None, head_dim: int = 0, heads: Heads | None = None) -> ParallelStyle:
     """Slice a per-head tensor argument of an attention (ALiBi bias) to this rank's query heads."""
     return SliceHeadInput(kwarg=kwarg, index=index, head_dim=head_dim, heads=heads.q if heads else None)
@@ -331,6 +337,7 @@ STYLES: dict[str, StyleDef] = {
         StyleDef("sequence_shard", sequence_shard, ()),
         StyleDef("head_norm", head_norm, ()),
         StyleDef("head_input", head_input, ()),
+        StyleDef("sum_grads", sum_grads, ()),
         StyleDef("block_input", block_input, ()),
     )
 }

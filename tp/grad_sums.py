@@ -1,0 +1,69 @@
+"""Parameters used whole on sharded activations: their gradients summed over the ranks.
+
+A per-head norm's weight (Qwen3's q_norm), a learnable activation scalar (Apertus' xIELU
+``alpha_p``) or a mixing scalar (DiffLlama's ``lambda_q1``) is the same on every rank, but
+each rank applies it only to its own heads or features, so each rank's gradient is a part
+of the whole. Megatron's answer is an identity in the forward whose backward all-reduces;
+here the module's own forward is lent that identity's output in place of the parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from .layout_styles import lend_local_params, take_back_params
+
+
+class _SumGradOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, param, group):
+        ctx.group = group
+        return param.view_as(param)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class SumGrads(ParallelStyle):
+    """Keep a module's parameters whole, and sum their gradients over the tensor-parallel ranks.
+
+    Keyword Args:
+        params (tuple[str, ...]): names of the module's own parameters to treat; default: all.
+
+    Example::
+        >>> parallelize_module(model, mesh, {"layers.0.mlp.act_fn": SumGrads()})
+        >>> parallelize_module(model, mesh, {"layers.0.self_attn": SumGrads(params=("lambda_q1",))})
+    """
+
+    def __init__(self, *, params: tuple[str, ...] = ()):
+        super().__init__()
+        self.params = tuple(params)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        names = self.params or tuple(own)
+        missing = sorted(set(names) - set(own))
+        if missing:
+            raise NotImplementedError(f"sum_grads: {type(module).__name__} has no parameter {', '.join(missing)}; "
+                                      f"its own parameters are {', '.join(own) or 'none'}")
+        group = device_mesh.get_group()
+
+        def lend(mod, args):
+            lend_local_params(mod, names, lambda name, p: _SumGradOverRanks.apply(p, group))
+
+        def take_back(mod, args, output):
+            take_back_params(mod)
+
+        module.register_forward_pre_hook(lend)
+        module.register_forward_hook(take_back, always_call=True)
+        return module
+
+    def __repr__(self) -> str:
+        return f"SumGrads(params={self.params})"
