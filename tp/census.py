@@ -20,6 +20,7 @@ from .errors import TPError
 from .launch import WorkerError, WorkerPool
 
 SIZES = (2, 4)
+MAX_PARAMS = 20_000_000
 
 
 def tiny_model(model_type: str):
@@ -44,8 +45,10 @@ class Row:
 
     @property
     def status(self) -> str:
-        """built-not / verified / partial / refused / wrong / error, from the TP=2 result."""
-        return self.results.get(2, "does not build").split(":")[0]
+        """verified / partial / refused / wrong / error, from the TP=2 result; sizes that do not
+        divide at TP=2 are a refusal too (tp.apply raises SizeError with the reason)."""
+        status = self.results.get(2, "does not build").split(":")[0]
+        return "refused" if status == "n/a" else status
 
 
 def _builds(model_type: str) -> str | None:
@@ -57,8 +60,15 @@ def _builds(model_type: str) -> str | None:
     cannot = getattr(tiny, "CANNOT_BUILD", {})
     if model_type in cannot:
         return cannot[model_type]
+    from .models import build
+    from .tiny import tiny_config
+
     try:
-        model = tiny_model(model_type).train(False)
+        config = tiny_config(model_type)
+        size = sum(p.numel() for p in build(config, device="meta").parameters())
+        if size > MAX_PARAMS:  # the tiny sizes did not reach some sub-model: it would not fit
+            return f"its tiny config still has {size:,} parameters"
+        model = build(config).train(False)
         vocab = model.get_input_embeddings().num_embeddings
         ids = torch.randint(3, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
         model(input_ids=ids, labels=ids).loss.backward()
@@ -100,9 +110,12 @@ def census_row(model_type: str, pools: dict[int, WorkerPool], sizes_: tuple[int,
     if why_not:
         row.note = why_not
         return row
-    row.source, row.transformers_plan, _ = _plan_facts(model_type, 2)
     for tp in sizes_:
-        _, _, problems = _plan_facts(model_type, tp)
+        try:
+            row.source, row.transformers_plan, problems = _plan_facts(model_type, tp)
+        except Exception as e:  # a bug of ours: reported, and the census goes on
+            row.results[tp] = f"error: {type(e).__name__}: {e}"
+            continue
         if problems:
             row.results[tp] = "n/a: " + problems[0]
             continue

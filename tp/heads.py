@@ -63,9 +63,17 @@ def set_local_counts(model, counts: dict[str, str], heads: Heads, tp: int) -> li
     return changed
 
 
+def _value(config, key):
+    """``config.key``, or None; some configs raise for keys that differ per layer (Gemma 4's head_dim)."""
+    try:
+        return getattr(config, key, None)
+    except Exception:
+        return None
+
+
 def _first(config, keys) -> int | None:
     for key in keys:
-        value = getattr(config, key, None)
+        value = _value(config, key)
         if isinstance(value, int) and value > 0:
             return value
     return None
@@ -86,7 +94,7 @@ def heads_of(config, keys: dict[str, str] | None = None) -> Heads | None:
     # Multi-query models (Falcon-7B, GPT-BigCode) say so with a flag instead of a count.
     if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
         kv = 1
-    dim = getattr(config, keys.get("dim", "head_dim"), None)
+    dim = _value(config, keys.get("dim", "head_dim"))
     if not isinstance(dim, int) or dim <= 0:
         hidden = _first(config, ("hidden_size", "n_embd", "d_model", "n_embed"))
         dim = hidden // q if hidden else 0

@@ -92,8 +92,10 @@ class WorkerPool:
             else:
                 failures.append((rank, value))
         if failures:
-            # Ranks that failed at different points may leave the process group out of step.
-            self.close()
+            # Ranks that failed at different points may leave the process group out of step; a
+            # refusal raised by every rank (bad input, found before any collective) does not.
+            if not (len(failures) == self.world_size and all(v[0] is not None for _, v in failures)):
+                self.close()
             rank, (tp_error, name, message, tb) = min(failures, key=lambda f: f[0])
             if tp_error is not None:
                 raise tp_error  # bad input: the same clear error as in a single process

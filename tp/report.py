@@ -134,10 +134,15 @@ def expected_collectives(model: nn.Module, plan: ResolvedPlan, tp: int) -> Colle
         costs = [_cost(p, styles[p], prepared, sp, model, plan, tp) for p in paths]
         return sum(c[0] for c in costs), sum(c[1] for c in costs)
 
-    inside = [p for p in styles if blocks and p.startswith(blocks[0] + ".")]
+    # Blocks may differ (hybrid and interleaved-MoE models): count each; per block is the average
+    # rounded down, and the remainder is counted with the collectives outside the blocks.
+    per_block = [count([p for p in styles if p.startswith(b + ".")]) for b in blocks]
     outside = [p for p in styles if not any(p.startswith(b + ".") for b in blocks)]
-    fwd_block, bwd_block = count(inside)
     fwd_out, bwd_out = count(outside)
+    n = max(len(blocks), 1)
+    fwd_block, bwd_block = sum(f for f, _ in per_block) // n, sum(b for _, b in per_block) // n
+    fwd_out += sum(f for f, _ in per_block) - fwd_block * n
+    bwd_out += sum(b for _, b in per_block) - bwd_block * n
     return Collectives(fwd_block, bwd_block, fwd_out, bwd_out, len(blocks))
 
 

@@ -70,8 +70,8 @@ def run_trial(twin: nn.Module, mesh: DeviceMesh, units: set[str], apply_kwargs: 
     ids = _inputs(reference)
     try:
         apply(sharded, mesh, _units=units, trial=False, **apply_kwargs)
-    except TPError as e:  # sizes that do not divide, a style that does not fit the module
-        return TrialResult(False, str(e).splitlines()[0][:200])
+    except (TPError, NotImplementedError) as e:  # sizes that do not divide, a style that does not fit
+        return TrialResult(False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     try:
         ref_out = reference(input_ids=ids, labels=ids)
         ref_out.loss.backward()
