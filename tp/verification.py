@@ -216,7 +216,13 @@ def _verify_rank(spec: VerifySpec) -> dict:
         full = full_tensor(param.detach(), like=param)
         if not torch.equal(full, originals[name]):
             mismatched.append(name)
-        rel = _max_rel(full_tensor(param.grad, like=param), ref_grads[name].grad, floor)
+        ref_grad = ref_grads[name].grad
+        if param.grad is None or ref_grad is None:  # a parameter this input does not reach
+            if (param.grad is None) == (ref_grad is None):
+                continue
+            rel = float("inf")
+        else:
+            rel = _max_rel(full_tensor(param.grad, like=param), ref_grad, floor)
         if rel > worst or not worst_name:
             worst, worst_name = rel, name
     c = report.collectives
