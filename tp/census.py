@@ -55,13 +55,11 @@ def _builds(model_type: str) -> str | None:
     """None if a tiny model of this type builds and runs forward and backward on CPU, else why not."""
     import torch
 
-    from . import tiny
-
-    cannot = getattr(tiny, "CANNOT_BUILD", {})
-    if model_type in cannot:
-        return cannot[model_type]
     from .models import build
-    from .tiny import tiny_config
+    from .tiny import CANNOT_BUILD, tiny_config
+
+    if model_type in CANNOT_BUILD:
+        return CANNOT_BUILD[model_type]
 
     try:
         config = tiny_config(model_type)
@@ -77,8 +75,9 @@ def _builds(model_type: str) -> str | None:
     return None
 
 
-def _plan_facts(model_type: str, tp: int) -> tuple[str, str, list[str]]:
-    """(source of the plan, what transformers' plan covers, why this TP size cannot work)."""
+def _plan_facts(model_type: str, tps: tuple[int, ...]) -> tuple[str, str, dict[int, list[str]]]:
+    """(source of the plan, what transformers' plan covers, why each TP size cannot work). The
+    plan does not depend on the TP size; only the size checks do."""
     from . import sizes
     from .apply import resolve
     from .hf_plans import describe, transformers_plan
@@ -86,16 +85,17 @@ def _plan_facts(model_type: str, tp: int) -> tuple[str, str, list[str]]:
     model = tiny_model(model_type)
     theirs = describe(transformers_plan(model))
     try:
-        resolved = resolve(model, tp)
+        resolved = resolve(model, max(tps))
     except TPError:
-        return "inferred", theirs, []
+        return "inferred", theirs, {tp: [] for tp in tps}
+    problems = {tp: sizes.problems(model, resolved, tp)[0] for tp in tps}
     if resolved.family:
-        return f"registry ({resolved.family})", theirs, sizes.problems(model, resolved, tp)[0]
+        return f"registry ({resolved.family})", theirs, problems
     sources = {d.source.split(";")[0] for d in resolved.decisions.values() if d.style.name not in
                ("embedding", "lm_head", "block_input")}
     source = "transformers plan" if sources == {"transformers plan (dataflow agrees)"} else \
         "inferred + transformers plan" if any(s.startswith("transformers") for s in sources) else "inferred"
-    return source, theirs, sizes.problems(model, resolved, tp)[0]
+    return source, theirs, problems
 
 
 def _verify(model_type: str, tp: int, pool: WorkerPool):
@@ -110,14 +110,14 @@ def census_row(model_type: str, pools: dict[int, WorkerPool], sizes_: tuple[int,
     if why_not:
         row.note = why_not
         return row
+    try:
+        row.source, row.transformers_plan, problems = _plan_facts(model_type, sizes_)
+    except Exception as e:  # a bug of ours: reported, and the census goes on
+        row.results = {tp: f"error: {type(e).__name__}: {e}" for tp in sizes_}
+        return row
     for tp in sizes_:
-        try:
-            row.source, row.transformers_plan, problems = _plan_facts(model_type, tp)
-        except Exception as e:  # a bug of ours: reported, and the census goes on
-            row.results[tp] = f"error: {type(e).__name__}: {e}"
-            continue
-        if problems:
-            row.results[tp] = "n/a: " + problems[0]
+        if problems[tp]:
+            row.results[tp] = "n/a: " + problems[tp][0]
             continue
         try:
             result = _verify(model_type, tp, pools[tp])
@@ -160,9 +160,9 @@ def render(rows: list[Row], transformers_version: str, seconds: float) -> str:
         "gradient <= 1e-4 relative, gathered parameters bit-exact, collectives as the plan predicts.",
         "",
         f"- model types: {len(rows)}; build and run on CPU: {len(built)}",
-        f"- verified correct at TP=2, forward and backward: **{correct} of {len(built)} "
-        f"({100 * correct / max(len(built), 1):.0f}%)**; {counts['verified']} with every block unit sharded, "
-        f"{counts['partial']} with some units kept whole (see notes)",
+        (f"- verified correct at TP=2, forward and backward: **{correct} of {len(built)} "
+         f"({100 * correct / max(len(built), 1):.0f}%)**; {counts['verified']} with every block unit sharded, "
+         f"{counts['partial']} with some units kept whole (see notes)"),
         f"- refused with a reason: {counts['refused']}; wrong results: {counts['wrong']}; errors: {counts['error']}",
         "",
         "Columns: *plan* is the source that decided (a registry family; the dataflow trace, confirmed by",

@@ -54,10 +54,6 @@ class Node:
     inputs: set[str] = field(default_factory=set)  # labels of its input(s)
     split: tuple[int, ...] | None = None  # sizes its output is cut into along the last dim
 
-    @property
-    def label(self) -> str:
-        return f"node:{self.path}"
-
 
 @dataclass
 class BlockFlow:
@@ -116,7 +112,7 @@ class _Labeller(TorchFunctionMode):
         return out
 
     def _record_split(self, source, out, args, kwargs) -> None:
-        dim = kwargs.get("dim", args[2] if len(args) > 2 else (0 if "unbind" in str(args) else 0))
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
         pieces = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         if isinstance(dim, int) and dim % source.dim() == source.dim() - 1 and len(pieces) > 1:
             self.splits[self.node_outputs[id(source)]] = tuple(p.shape[-1] for p in pieces)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .dataflow import BlockPlan, Unit, block_signature, plan_block, trace_blocks
+from .dataflow import Unit, block_signature, plan_block, trace_blocks
 from .heads import Heads, heads_of
 from .patterns import matches
 from .styles import StyleSpec
@@ -128,10 +128,7 @@ def _column_style(module: nn.Module, split: tuple[int, ...] | None, heads: Heads
 
 def _styles(block: nn.Module, block_name: str, unit: Unit, heads: Heads | None) -> InferredUnit:
     key = f"{block_name}: {unit.row}"
-    row = block.get_submodule(unit.row)
     styles = {unit.row: StyleSpec("experts") if unit.columns == () else StyleSpec("rowwise")}
-    if unit.columns == () and not isinstance(row, nn.Linear):
-        styles = {unit.row: StyleSpec("experts")}
     for col in unit.columns:
         style = _column_style(block.get_submodule(col), unit.splits.get(col), heads)
         if style is None:
@@ -200,7 +197,4 @@ def expand(model: nn.Module, blocks: list[str], inference: Inference, enabled: s
 def untraced_blocks(model: nn.Module, blocks: list[str], inference: Inference) -> list[str]:
     return [b for b in blocks if block_signature(model.get_submodule(b)) not in inference.units]
 
-
-def all_unit_keys(inference: Inference) -> list[str]:
-    return [u.key for units in inference.units.values() for u in units if u.styles]
 

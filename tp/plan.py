@@ -204,6 +204,7 @@ def resolve(
         family = registry.family_of(model)
 
     decisions: dict[str, Decision] = {}
+    inferred = None
     if family is not None:
         plan = registry.plan(family, model)
         where = f"family {family!r}"
@@ -215,8 +216,8 @@ def resolve(
                 decisions[path] = Decision(path, hit[1], f"family {family}", hit[0])
         _report_unmatched(plan, used, paths, where, strict, problems)
     else:
-        inference = infer_from_dataflow(model, registry, decisions, problems, inference, units)
-        if inference is None:
+        inferred = infer_from_dataflow(model, registry, decisions, problems, inference, units)
+        if inferred is None:
             decisions = infer_plan_from_names(model, registry)
             problems.append("the plan was inferred from module names only (the model has no token embedding "
                             "to trace it with); check it with tp.verify(model_factory=...)")
@@ -256,9 +257,8 @@ def resolve(
     ordered = {p: decisions[p] for p in paths if p in decisions}
     keys = registry.inherited(family, "heads") if family else None
     resolved = ResolvedPlan(family, ordered, problems, heads_of(getattr(model, "config", None), keys))
-    if family is None and inference is not None:
-        resolved.inference = inference
-        _, resolved.local_counts, resolved.units = expand(model, find_blocks(model), inference, units)
+    if family is None and inferred is not None:
+        resolved.inference, resolved.local_counts, resolved.units = inferred
     return resolved
 
 
@@ -268,9 +268,12 @@ CONFIRMED = "transformers plan (dataflow agrees)"
 
 def infer_from_dataflow(model: nn.Module, registry: Registry, decisions: dict[str, Decision],
                         problems: list[str], inference: Inference | None = None,
-                        units: set[str] | None = None) -> Inference | None:
+                        units: set[str] | None = None
+                        ) -> tuple[Inference, dict[str, str], dict[str, list[str]]] | None:
     """Fill ``decisions`` from the traced dataflow (``tp/inference.py``), labelled with the source
-    that decided: the trace alone, or a transformers plan that says the same."""
+    that decided: the trace alone, or a transformers plan that says the same. Returns the
+    inference, the head-count attributes to set, and each unit's module paths; None when the
+    model cannot be traced."""
     blocks = find_blocks(model)
     if not blocks:
         raise PlanError(
@@ -282,7 +285,7 @@ def infer_from_dataflow(model: nn.Module, registry: Registry, decisions: dict[st
     if inference.problems:
         raise PlanError(f"{type(model).__name__}: no family in the registry recognises it, and its plan cannot be "
                         f"inferred: {'; '.join(inference.problems)}. Add a family to registry.toml")
-    styles, _, _ = expand(model, blocks, inference, units)
+    styles, counts, unit_paths = expand(model, blocks, inference, units)
     if not styles:
         reasons = "; ".join(f"{m}: {why}" for m, why in list(inference.kept.items())[:6])
         raise PlanError(f"{type(model).__name__}: no family in the registry recognises it, and no part of its blocks "
@@ -300,4 +303,4 @@ def infer_from_dataflow(model: nn.Module, registry: Registry, decisions: dict[st
         decisions[path] = Decision(path, style, source)
     for path in untraced_blocks(model, blocks, inference):
         problems.append(f"{path} has a structure the trace of {inference.traced} did not see; it stays whole")
-    return inference
+    return inference, counts, unit_paths

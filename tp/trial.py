@@ -20,10 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .errors import TPError
 from .gather import full_tensor
-
-LOGITS_ATOL = 1e-5
-GRAD_RTOL = 1e-4
-GRAD_SCALE_FLOOR = 1e-3  # as in tp/verification.py: gradients that are zero in exact arithmetic
+from .verification import GRAD_RTOL, GRAD_SCALE_FLOOR, LOGITS_ATOL, _max_rel
 
 
 @dataclass(frozen=True)
@@ -55,8 +52,7 @@ def _errors(reference: nn.Module, sharded: nn.Module, ref_logits, logits) -> lis
         if param.grad is None:
             found.append((float("inf"), f"the gradient of {name} (missing)"))
             continue
-        diff = _largest(full_tensor(param.grad, like=param) - grads[name])
-        found.append((diff / max(_largest(grads[name]), floor, 1e-30), f"the gradient of {name}"))
+        found.append((_max_rel(full_tensor(param.grad, like=param), grads[name], floor), f"the gradient of {name}"))
     return found
 
 
