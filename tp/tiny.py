@@ -129,6 +129,17 @@ TEXT_CONFIG_NAMES = ("decoder", "generator", "text_config")
 # the caller's overrides). A key goes to the text config, or to the sub-config it names. An entry
 # that sets per-layer lists sets the layer count too (the layer search is then skipped).
 _SLIDING, _FULL = "sliding_attention", "full_attention"
+# Qwen4-Exp: its indexed-attention sizes default to None, which does not build; pick 8 of the 16
+# tokens in blocks of 4. Its hyper-connections are low rank (320 by default).
+_QWEN4_EXP = {"indexer_n_heads": KV_HEADS, "indexer_kv_heads": 1, "indexer_head_dim": HEAD_DIM,
+              "indexer_budget": 8, "indexer_compress_ratio": 4, "hc_lowrank": 2 * HEAD_DIM}
+# Dots3-Note: its sliding layers' head_dim must be their qk_nope_head_dim (192 in per_layer_config,
+# scaled to 12) + qk_rope_head_dim (8).
+_DOTS3_NOTE = {"head_dim": 20}
+# Gemma 3n: the last 15 of its 35 layers reuse the kv cache of the last unshared layer of their
+# attention type, and only the first 10 have sparse activations: 6 layers hold each combination.
+_GEMMA3N = {"num_hidden_layers": 6, "layer_types": [_SLIDING, _FULL] * 3, "num_kv_shared_layers": 2,
+            "activation_sparsity_pattern": [0.95, 0.95, 0.0, 0.0, 0.0, 0.0]}
 EXTRA: dict[str, dict[str, Any]] = {
     # The defaults have no attention layer (Bamba-9B: 3 of 32), but the forward needs one (the
     # hybrid cache measures the sequence on attention layers).
@@ -145,14 +156,14 @@ EXTRA: dict[str, dict[str, Any]] = {
     # Its attention clamps q/k/v to +-clip_qkv, which the default leaves None (a clamp error).
     "dbrx": {"attn_config": {"rope_theta": 10000.0, "kv_n_heads": KV_HEADS, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": EXPERT_FFN, "moe_num_experts": EXPERTS, "moe_top_k": TOP_K}},
-    # Its indexed-attention sizes default to None, which does not build; pick 8 of 16 tokens in blocks of 4.
-    **dict.fromkeys(["qwen4_exp", "qwen4_exp_text"], {
-        "indexer_n_heads": KV_HEADS, "indexer_kv_heads": 1, "indexer_head_dim": HEAD_DIM,
-        "indexer_budget": 8, "indexer_compress_ratio": 4, "hc_lowrank": 2 * HEAD_DIM}),
+    "qwen4_exp": _QWEN4_EXP,
+    "qwen4_exp_text": _QWEN4_EXP,
     # Its forward builds a kv cache from the top config, which has no layer count (its sub-configs do).
     "blt": {"use_cache": False},
-    # Its sliding layers' head_dim must be their qk_nope_head_dim (192 -> 12, per_layer_config) + rope (8).
-    **dict.fromkeys(["dots3_note", "dots3_note_text"], {"head_dim": 20}),
+    "dots3_note": _DOTS3_NOTE,
+    "dots3_note_text": _DOTS3_NOTE,
+    # Its cache sizes the recurrent q/k state with the v head width (qk_dim_factor 0.5 halves it).
+    "xlstm": {"use_cache": False},
     # num_heads is Mamba-2's SSM head count: expand * hidden / head_dim.
     "mamba2": {"num_heads": 2 * HIDDEN // HEAD_DIM},
     # "ZAYA currently supports num_experts_per_tok=1 only".
@@ -160,13 +171,12 @@ EXTRA: dict[str, dict[str, Any]] = {
     # Without a language the adapters refuse the input.
     "xmod": {"default_language": "en_XX"},
     # Its LM head needs is_decoder; training needs the axial position shape to multiply out to the
-    # sequence length (16), and chunks that divide it.
-    "reformer": {"is_decoder": True, "axial_pos_shape": [4, 4], "axial_pos_embds_dim": [HIDDEN // 2, HIDDEN // 2],
-                 "local_attn_chunk_length": 4, "lsh_attn_chunk_length": 4},
-    # Its last 15 of 35 layers reuse the kv cache of the last unshared layer of their attention type,
-    # and only the first 10 have sparse activations: 6 layers hold each combination.
-    "gemma3n_text": {"num_hidden_layers": 6, "layer_types": [_SLIDING, _FULL] * 3, "num_kv_shared_layers": 2,
-                     "activation_sparsity_pattern": [0.95, 0.95, 0.0, 0.0, 0.0, 0.0]},
+    # sequence length (16), and chunks that divide it; a fixed hash seed, or LSH is random per call.
+    "reformer": {"is_decoder": True, "hash_seed": 0, "axial_pos_shape": [4, 4],
+                 "axial_pos_embds_dim": [HIDDEN // 2, HIDDEN // 2], "local_attn_chunk_length": 4,
+                 "lsh_attn_chunk_length": 4},
+    "gemma3n": _GEMMA3N,
+    "gemma3n_text": _GEMMA3N,
 }
 
 # Types whose tiny causal LM does not build, or does not run forward + backward on CPU, and why.
@@ -176,6 +186,9 @@ CANNOT_BUILD: dict[str, str] = {
                         "and shared kv states, not input_ids, and returns no loss",
     "gemma4_unified_assistant": "a speculative-decoding draft model: its forward needs the target model's "
                                 "inputs_embeds and shared kv states, not input_ids, and returns no loss",
+    **dict.fromkeys(["musicgen", "musicgen_melody"], (
+        "AutoModelForCausalLM gives the composite config to MusicgenForCausalLM, which needs the decoder config "
+        "(no auto mapping of its own) and labels per codebook ([batch, seq, num_codebooks])")),
     "git": "needs pixel inputs: its loss drops the image-token positions from the logits, so labels without "
            "pixel_values do not line up",
 }
@@ -194,7 +207,10 @@ def tiny_config(model_type: str, **overrides):
     text_default = _default(model_type, text=True)
     count_key, _ = _layer_count_key(text_default)
     overrides = {_real_key(text_default, k): v for k, v in overrides.items()}
-    if count_key in overrides:
+    if count_key in overrides:  # re-cut the per-layer entries (or leave them to the config, if deeper)
+        for key in _layer_columns(text_default):
+            if isinstance(text.get(key), (list, dict)):
+                del text[key]
         text.update(_layer_settings(text_default, text, overrides[count_key]))
     text.update(overrides)
     config = _make_config(model_type, settings)
@@ -229,7 +245,7 @@ def layer_kinds(config) -> list[tuple]:
 # Defaults and keys
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _default_config(model_type: str):
     from transformers import AutoConfig
 
@@ -296,17 +312,12 @@ def _shrunk(config, *, text: bool) -> dict[str, Any]:
     """Tiny sizes for one (sub-)config: the values its composite's default gave it (where they
     differ from its class defaults), then the size tables. Its own sub-configs are shrunk too;
     a non-text sub-config (vision or audio tower, ...) gets 2 layers."""
+    class_default = type(config)().to_dict()
     settings: dict[str, Any] = {"model_type": config.model_type}
-    try:
-        class_default = type(config)().to_dict()
-    except Exception:  # a class that needs arguments: start from its defaults
-        class_default = None
-    if class_default is not None:
-        settings.update({k: v for k, v in config.to_dict().items()
-                         if class_default.get(k, v) != v and k not in ("transformers_version", "architectures")})
+    settings.update({k: v for k, v in config.to_dict().items()
+                     if class_default.get(k, v) != v and k not in ("transformers_version", "architectures")})
     known = _known_values(config)
-    for key, value in _sizes_for(config, {**BASE_SIZES, **ALIAS_SIZES}).items():
-        settings[key] = value
+    settings.update(_sizes_for(config, {**BASE_SIZES, **ALIAS_SIZES}))
     if any(known.get(key) is not None for key in EXPERT_COUNT_KEYS):
         settings.update(_sizes_for(config, MOE_SIZES))
         settings.update({k: v for k, v in _sizes_for(config, EXPERT_GROUP_SIZES).items() if (known[k] or 0) > 1})
@@ -323,7 +334,7 @@ def _shrunk(config, *, text: bool) -> dict[str, Any]:
     return settings
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base_settings(model_type: str) -> dict[str, Any]:
     """Tiny widths for every (sub-)config, then EXTRA; the text config keeps its default depth."""
     default = _default_config(model_type)
@@ -344,7 +355,7 @@ def _base_settings(model_type: str) -> dict[str, Any]:
     return settings
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_settings(model_type: str) -> dict[str, Any]:
     settings = copy.deepcopy(_base_settings(model_type))
     text_default = _default(model_type, text=True)
@@ -443,28 +454,30 @@ def _settings_with_layers(model_type: str, count: int) -> dict[str, Any]:
     return settings
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layer_count(model_type: str) -> int:
     """The fewest layers (2 to MAX_LAYERS) whose model has every layer kind (``layer_kinds``) of
     the model at its default depth with the tiny widths; the count with the most kinds when none
     has them all, 2 when the default depth does not build."""
     _, full_count = _layer_count_key(_default(model_type, text=True))
-    try:
-        every_kind = set(layer_kinds(_make_config(model_type, _settings_with_layers(model_type, full_count))))
-    except Exception:
+    every_kind = _kinds_at(model_type, full_count)
+    if not every_kind:
         return DEFAULT_LAYERS
-    best, most_found = DEFAULT_LAYERS, -1
+    found = {}
     for count in range(DEFAULT_LAYERS, max(DEFAULT_LAYERS, min(MAX_LAYERS, full_count)) + 1):
-        try:
-            kinds = set(layer_kinds(_make_config(model_type, _settings_with_layers(model_type, count))))
-        except Exception:  # e.g. a layer-index key of the default that this depth cannot hold
-            continue
-        found = len(every_kind & kinds)
-        if found == len(every_kind):
+        found[count] = len(every_kind & _kinds_at(model_type, count))
+        if found[count] == len(every_kind):
             return count
-        if found > most_found:
-            best, most_found = count, found
-    return best
+    return max(found, key=lambda count: (found[count], -count))
+
+
+def _kinds_at(model_type: str, count: int) -> set[tuple]:
+    """The layer kinds of the tiny model with ``count`` layers; none if it does not build (a
+    config refuses some depths: Zamba ties its shared block only across two hybrid layers)."""
+    try:
+        return set(layer_kinds(_make_config(model_type, _settings_with_layers(model_type, count))))
+    except Exception:  # noqa: BLE001 -- configs and models raise all kinds of errors for what they refuse
+        return set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,11 +491,18 @@ def _meta_model(config) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+TOWER_WORDS = ("vision", "visual", "image", "audio", "vq")
+
+
 def _main_stack(model: torch.nn.Module, count: int) -> torch.nn.ModuleList | None:
-    """The ModuleList of ``count`` layers holding the most parameters (a vision tower may have a
-    list of the same length)."""
-    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
-    return max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+    """The ModuleList of ``count`` layers outside the vision and audio towers (which may have lists
+    of the same length), the outermost one (LongCat's layers hold lists of two sublayers)."""
+    stacks = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count}
+    return stacks[min(stacks, key=_stack_rank)] if stacks else None
+
+
+def _stack_rank(name: str) -> tuple[bool, int]:
+    return any(word in name for word in TOWER_WORDS), name.count(".")
 
 
 def _module_kind(layer: torch.nn.Module) -> tuple:
