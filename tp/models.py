@@ -24,7 +24,7 @@ def family_config(name: str, *, tiny: bool = True, registry: str | os.PathLike |
 
     reg = load_registry(registry)
     if registered_family(name, registry):
-        model_type = reg.model_type(name)
+        model_type = _family_model_type(reg, name)
         family_sizes = {k: v for a in reg.lineage(name) for k, v in reg.families[a].tiny.items()}
     elif name in CONFIG_MAPPING_NAMES:
         model_type, family_sizes = name, {}
@@ -32,6 +32,20 @@ def family_config(name: str, *, tiny: bool = True, registry: str | os.PathLike |
         reg.get(name)  # raises, naming the known families
     sizes = {**_known_keys(model_type, reg.tiny), **family_sizes} if tiny else {}
     return AutoConfig.for_model(model_type, **{**sizes, **overrides})
+
+
+def _family_model_type(reg, name: str) -> str:
+    """The config type of a family's tiny model: its first model_type, else the config type of a
+    transformers class it names (t5, bart and whisper are recognised by their encoder-decoder
+    classes only, so that their decoder-only ``...ForCausalLM`` keep the inferred plan)."""
+    if not reg.inherited(name, "model_types"):
+        import transformers
+
+        for cls in reg.inherited(name, "classes"):
+            config_class = getattr(getattr(transformers, cls, None), "config_class", None)
+            if getattr(config_class, "model_type", None):
+                return config_class.model_type
+    return reg.model_type(name)  # raises when there is none
 
 
 def _known_keys(model_type: str, sizes: dict) -> dict:
@@ -44,15 +58,38 @@ def _known_keys(model_type: str, sizes: dict) -> dict:
     return {k: v for k, v in sizes.items() if k in known}
 
 
-def build(config, *, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
-    """A randomly initialised float32 causal LM; on the meta device no memory is used."""
-    from transformers import AutoModelForCausalLM
+def auto_class(config, encoder_decoder: bool | None = None):
+    """The transformers Auto class to build ``config`` with: AutoModelForCausalLM, or for an
+    encoder-decoder config AutoModelForSeq2SeqLM (T5, BART) or AutoModelForSpeechSeq2Seq
+    (Whisper). ``encoder_decoder=None`` picks the encoder-decoder model only for a type with no
+    causal-LM class (T5): BART and Whisper configs also build a decoder-only ``...ForCausalLM``,
+    which the census and plan inference keep using unless ``encoder_decoder=True``."""
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSpeechSeq2Seq,
+    )
 
+    seq2seq = [a for a in (AutoModelForSeq2SeqLM, AutoModelForSpeechSeq2Seq) if type(config) in a._model_mapping]
+    if encoder_decoder is None:
+        encoder_decoder = bool(getattr(config, "is_encoder_decoder", False)) and \
+            type(config) not in AutoModelForCausalLM._model_mapping
+    return seq2seq[0] if encoder_decoder and seq2seq else AutoModelForCausalLM
+
+
+def build(config, *, device: str | torch.device = "cpu", seed: int = 0,
+          encoder_decoder: bool | None = None) -> nn.Module:
+    """A randomly initialised float32 model (``auto_class``: a causal LM, or an encoder-decoder
+    one); on the meta device no memory is used."""
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto_class(config, encoder_decoder).from_config(config, dtype=torch.float32)
     return model.eval()
 
 
 def tiny_model(family: str, *, registry: str | os.PathLike | None = None, seed: int = 0, **overrides) -> nn.Module:
-    return build(family_config(family, registry=registry, **overrides), seed=seed)
+    """The tiny model of a family; a registered family with an encoder-decoder config (t5, bart,
+    whisper) is built whole, encoder and decoder, not as its decoder-only causal LM."""
+    config = family_config(family, registry=registry, **overrides)
+    whole = getattr(config, "is_encoder_decoder", False) if registered_family(family, registry) else None
+    return build(config, seed=seed, encoder_decoder=whole or None)

@@ -169,20 +169,37 @@ def _count_in_first_block(model: nn.Module, counter: CollectiveCounter) -> _Bloc
     return found
 
 
+def model_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Keyword arguments for one forward with a loss: a causal LM reads ``ids`` and predicts them.
+    An encoder-decoder model encodes ``ids`` and decodes labels of half their length (reversed),
+    so that cross-attention sees queries and keys of different lengths; the model shifts the labels
+    into ``decoder_input_ids``. A speech encoder (Whisper) reads seeded random features
+    ``[batch, num_mel_bins, 2 * max_source_positions]`` instead of ``ids``."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return {"input_ids": ids, "labels": ids}
+    labels = ids.flip(-1)[:, : max(ids.shape[-1] // 2, 1)].contiguous()
+    if getattr(model, "main_input_name", "input_ids") == "input_features":
+        shape = (ids.shape[0], config.num_mel_bins, 2 * config.max_source_positions)
+        features = torch.randn(shape, generator=torch.Generator().manual_seed(int(ids.sum())))
+        return {"input_features": features, "labels": labels}
+    return {"input_ids": ids, "labels": labels}
+
+
 def _verify_rank(spec: VerifySpec) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from .apply import apply
-    from .models import build, family_config, registered_family
+    from .models import registered_family, tiny_model
 
     world = dist.get_world_size()
     if spec.model_factory is not None:
         torch.manual_seed(spec.seed)
         reference = spec.model_factory()
     else:
-        reference = build(family_config(spec.family, registry=spec.apply_kwargs.get("registry"),
-                                        **spec.config_overrides), seed=spec.seed)
+        reference = tiny_model(spec.family, registry=spec.apply_kwargs.get("registry"), seed=spec.seed,
+                               **spec.config_overrides)
     reference = reference.float().eval()
     model = copy.deepcopy(reference)
     originals = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -195,14 +212,15 @@ def _verify_rank(spec: VerifySpec) -> dict:
     gen = torch.Generator().manual_seed(spec.seed + 1)
     vocab = reference.get_input_embeddings().num_embeddings
     ids = torch.randint(3, vocab, (spec.batch, spec.seq), generator=gen)
+    inputs = model_inputs(reference, ids)
 
     ref_sizes, ref_hooks = _block_output_bytes(reference)
-    ref_out = reference(input_ids=ids, labels=ids)
+    ref_out = reference(**inputs)
     ref_out.loss.backward()
     sizes, hooks = _block_output_bytes(model)
     with CollectiveCounter() as fwd:
         first_block = _count_in_first_block(model, fwd)
-        out = model(input_ids=ids, labels=ids)
+        out = model(**inputs)
     for handle in (*ref_hooks, *hooks, *first_block.handles):
         handle.remove()
     with CollectiveCounter() as bwd:
