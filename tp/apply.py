@@ -83,12 +83,16 @@ def _tied_groups(model: nn.Module) -> list[list[tuple[str, str]]]:
     return [group for group in owners.values() if len(group) > 1]
 
 
-def _retie(model: nn.Module, groups: list[list[tuple[str, str]]]) -> None:
-    """parallelize_module replaces parameters one module at a time, which unties shared ones."""
+def _retie(model: nn.Module, groups: list[list[tuple[str, str]]], styled: set[str] = frozenset()) -> None:
+    """parallelize_module replaces parameters one module at a time, which unties shared ones.
+
+    A module the plan gives no style (BERT's prediction head holding its decoder's bias) takes
+    the layout of the styled module it shares the parameter with; modules with styles must agree."""
     for group in groups:
         params = [getattr(model.get_submodule(path), name) for path, name in group]
         sharded = next((p for p in params if isinstance(p, DTensor)), params[0])
-        layouts = {(tuple(p.placements) if isinstance(p, DTensor) else None) for p in params}
+        layouts = {(tuple(p.placements) if isinstance(p, DTensor) else None)
+                   for p, (path, _) in zip(params, group) if path in styled or isinstance(p, DTensor)}
         if len(layouts) > 1:
             where = ", ".join(f"{path}.{name}" for path, name in group)
             raise PlanError(f"tied parameters {where} got different layouts {layouts}; give their modules "
@@ -97,25 +101,32 @@ def _retie(model: nn.Module, groups: list[list[tuple[str, str]]]) -> None:
             setattr(model.get_submodule(path), name, sharded)
 
 
-def _tried(model: nn.Module, mesh: DeviceMesh, resolved: plan_.ResolvedPlan, options: dict,
-           loss_parallel: bool) -> plan_.ResolvedPlan:
-    """The inferred plan less the units that do not reproduce the unsharded model (tp/trial.py)."""
+def _fitted(model: nn.Module, mesh: DeviceMesh, resolved: plan_.ResolvedPlan, options: dict,
+            loss_parallel: bool, trial: bool) -> plan_.ResolvedPlan:
+    """The inferred plan less its units whose sizes do not divide by the TP size and, with
+    ``trial``, those that do not reproduce the unsharded model (tp/trial.py)."""
     from .trial import failing_units
 
     inference = resolved.inference
-    failing = failing_units(inference.twin, mesh, list(resolved.units), options)
-    if not failing:
-        return resolved
-    working = set(resolved.units) - set(failing)
-    reasons = "; ".join(f"{key}: {why}" for key, why in failing.items())
+    dropped = {key: f"at tp={mesh.size()}, {why}" for key, why in sizes.unit_problems(model, resolved, mesh.size()).items()}
+    working = [key for key in resolved.units if key not in dropped]
     if not working:
-        raise PlanError(
-            f"{type(model).__name__}: no family in the registry recognises it, and no part of the plan inferred from "
-            f"its dataflow matched the unsharded model when tried on {inference.traced} ({reasons}). Add a family "
-            "to registry.toml (README: 'Contributing a family')")
-    tried = resolve(model, mesh.size(), loss_parallel=loss_parallel, _inference=inference, _units=working, **options)
-    tried.warnings += [f"{key} stays whole: tried on {inference.traced}, {why}" for key, why in failing.items()]
-    return tried
+        return resolved  # sizes.check refuses with every size that does not divide
+    if trial:
+        failing = failing_units(inference.twin, mesh, working, options)
+        if failing and len(failing) == len(working):
+            reasons = "; ".join(f"{key}: {why}" for key, why in failing.items())
+            raise PlanError(
+                f"{type(model).__name__}: no family in the registry recognises it, and no part of the plan inferred "
+                f"from its dataflow matched the unsharded model when tried on {inference.traced} ({reasons}). Add a "
+                "family to registry.toml (README: 'Contributing a family')")
+        dropped.update({key: f"tried on {inference.traced}, {why}" for key, why in failing.items()})
+    if not dropped:
+        return resolved
+    working = {key for key in working if key not in dropped}
+    fitted = resolve(model, mesh.size(), loss_parallel=loss_parallel, _inference=inference, _units=working, **options)
+    fitted.warnings += [f"{key} stays whole: {why}" for key, why in dropped.items()]
+    return fitted
 
 
 def apply(
@@ -163,14 +174,14 @@ def apply(
     options = dict(allreduce=allreduce, keep=keep, config=config, registry=registry, strict=strict,
                    sequence_parallel=sequence_parallel)
     resolved = resolve(model, tp, family=family, loss_parallel=loss_parallel, _units=_units, **options)
-    if resolved.inference is not None and trial and _units is None:
-        resolved = _tried(model, mesh, resolved, options, loss_parallel)
+    if resolved.inference is not None and _units is None:
+        resolved = _fitted(model, mesh, resolved, options, loss_parallel, trial)
     sizes.check(model, resolved, tp)
     report = report_.build(model, resolved, tp)
     ties = _tied_groups(model)
     heads = resolved.heads
     parallelize_module(model, mesh, resolved.styles(model))
-    _retie(model, ties)
+    _retie(model, ties, set(resolved.decisions))
     if resolved.local_counts:
         set_local_counts(model, resolved.local_counts, heads, tp)
     if resolved.family:

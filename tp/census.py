@@ -55,7 +55,7 @@ def _builds(model_type: str) -> str | None:
     """None if a tiny model of this type builds and runs forward and backward on CPU, else why not."""
     import torch
 
-    from .models import build
+    from .models import build, for_checking, token_ids
     from .tiny import CANNOT_BUILD, tiny_config
 
     if model_type in CANNOT_BUILD:
@@ -66,9 +66,8 @@ def _builds(model_type: str) -> str | None:
         size = sum(p.numel() for p in build(config, device="meta").parameters())
         if size > MAX_PARAMS:  # the tiny sizes did not reach some sub-model: it would not fit
             return f"its tiny config still has {size:,} parameters"
-        model = build(config).train(False)
-        vocab = model.get_input_embeddings().num_embeddings
-        ids = torch.randint(3, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+        model = for_checking(build(config))
+        ids = token_ids(model, (2, 16), torch.Generator().manual_seed(0))
         model(input_ids=ids, labels=ids).loss.backward()
     except Exception as e:
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
@@ -89,6 +88,9 @@ def _plan_facts(model_type: str, tps: tuple[int, ...]) -> tuple[str, str, dict[i
     except TPError:
         return "inferred", theirs, {tp: [] for tp in tps}
     problems = {tp: sizes.problems(model, resolved, tp)[0] for tp in tps}
+    for tp in tps:  # tp.apply keeps an inferred unit whole when its sizes do not divide
+        if resolved.units and len(sizes.unit_problems(model, resolved, tp)) < len(resolved.units):
+            problems[tp] = []
     if resolved.family:
         return f"registry ({resolved.family})", theirs, problems
     sources = {d.source.split(";")[0] for d in resolved.decisions.values() if d.style.name not in

@@ -31,6 +31,13 @@ class Heads:
                 f"nor replicated (tp must be a multiple of them), so GQA groups would be cut apart")
         return found
 
+    def at(self, attention) -> Heads:
+        """These heads as ``attention`` (the module holding the projections) sees them: some
+        models give some layers a larger head (Gemma 4's full-attention layers)."""
+        dim = getattr(attention, "head_dim", None)
+        if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0 and dim != self.dim:
+            return Heads(self.q, self.kv, dim)
+        return self
 
     def count(self, kind: str) -> int:
         """``q``, ``kv``, ``groups`` (q per kv), ``q_features`` or ``kv_features``."""

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .dataflow import Unit, block_signature, plan_block, trace_blocks
+from .experts import expert_layouts
 from .heads import Heads, heads_of
 from .patterns import matches
 from .styles import StyleSpec
@@ -96,17 +97,33 @@ def infer(model: nn.Module, blocks: list[str], keep_patterns: list[str]) -> Infe
         keep = {rel for rel in flow.nodes if any(matches(p, f"{path}.{rel}") for p in keep_patterns)}
         plan = plan_block(flow, keep)
         name = type(block).__name__
-        units[signature] = [_styles(block, name, unit, heads) for unit in plan.units]
         kept.update({f"{name}: {rel}": why for rel, why in plan.kept.items()})
+        units[signature] = []
+        for unit in plan.units:
+            inferred = _styles(block, name, unit, heads)
+            if isinstance(inferred, str):
+                kept[f"{name}: {unit.row}"] = inferred
+            else:
+                units[signature].append(inferred)
     return Inference(units, kept, traced, twin, *_ends(twin))
+
+
+def _plain(module: nn.Module | None, kind: type) -> bool:
+    """A ``kind`` module with only its own weight (and bias): an embedding that also normalises
+    (Inkling's) stays whole; one that scales its output (Gemma's) does not need to."""
+    return isinstance(module, kind) and \
+        [n for n, _ in module.named_parameters()] in (["weight"], ["weight", "bias"])
 
 
 def _ends(model: nn.Module) -> tuple[str | None, str | None]:
     names = {m: n for n, m in model.named_modules()}
     embed = getattr(model, "get_input_embeddings", lambda: None)()
     head = getattr(model, "get_output_embeddings", lambda: None)()
-    return (names.get(embed) if isinstance(embed, nn.Embedding) else None,
-            names.get(head) if isinstance(head, nn.Linear) else None)
+    embedding = names.get(embed) if _plain(embed, kind=nn.Embedding) else None
+    lm_head = names.get(head) if _plain(head, kind=nn.Linear) else None
+    if embedding is None and lm_head and embed is not None and head.weight is embed.weight:
+        lm_head = None  # a tied weight needs one layout, and the embedding keeps it whole
+    return embedding, lm_head
 
 
 def _column_style(module: nn.Module, split: tuple[int, ...] | None, heads: Heads | None) -> StyleSpec | None:
@@ -126,13 +143,21 @@ def _column_style(module: nn.Module, split: tuple[int, ...] | None, heads: Heads
     return StyleSpec("colwise")
 
 
-def _styles(block: nn.Module, block_name: str, unit: Unit, heads: Heads | None) -> InferredUnit:
+def _styles(block: nn.Module, block_name: str, unit: Unit, heads: Heads | None) -> InferredUnit | str:
+    """The unit's styles, or why it stays whole."""
     key = f"{block_name}: {unit.row}"
     styles = {unit.row: StyleSpec("experts") if unit.columns == () else StyleSpec("rowwise")}
+    if unit.columns == ():
+        try:
+            expert_layouts(block.get_submodule(unit.row))
+        except NotImplementedError as e:
+            return str(e).split(";")[0]
     for col in unit.columns:
-        style = _column_style(block.get_submodule(col), unit.splits.get(col), heads)
+        owner = col.rpartition(".")[0]
+        local = heads.at(block.get_submodule(owner)) if heads and owner else heads
+        style = _column_style(block.get_submodule(col), unit.splits.get(col), local)
         if style is None:
-            return InferredUnit(key, {}, {})  # an output cut in parts that are not q / kv heads
+            return f"the trace saw {col}'s output cut into parts {unit.splits.get(col)} that are not query / key-value heads"
         styles[col] = style
     owners: dict[str, list[str]] = {}
     for param in unit.grad_sums:
@@ -154,13 +179,21 @@ def _local_heads(block: nn.Module, unit: Unit, heads: Heads | None) -> dict[str,
     if heads is None or not unit.columns:
         return {}
     owner = unit.row.rpartition(".")[0]
-    module = block.get_submodule(owner) if owner else block
+    found = {}
+    # the attention module and its helpers (a forget gate that reshapes by heads), not its linears
+    for sub, module in (block.get_submodule(owner) if owner else block).named_modules(prefix=owner):
+        if not isinstance(module, nn.Linear):
+            found.update(_head_attributes(module, sub, heads))
+    return found
+
+
+def _head_attributes(module: nn.Module, path: str, heads: Heads) -> dict[str, str]:
     found = {}
     for attr, value in vars(module).items():
         if not isinstance(value, int) or isinstance(value, bool) or attr.startswith("_"):
             continue
         lowered = attr.lower()
-        prefix = f"{owner}.{attr}" if owner else attr
+        prefix = f"{path}.{attr}" if path else attr
         if "group" in lowered and heads.kv and value == heads.q // heads.kv and heads.q != heads.kv:
             found[prefix] = "groups"
         elif "head" in lowered and "dim" not in lowered and "size" not in lowered:
@@ -185,7 +218,7 @@ def expand(model: nn.Module, blocks: list[str], inference: Inference, enabled: s
     for path in blocks:
         block = model.get_submodule(path)
         for unit in inference.units.get(block_signature(block), []):
-            if not unit.styles or (enabled is not None and unit.key not in enabled):
+            if enabled is not None and unit.key not in enabled:
                 continue
             for rel, style in unit.styles.items():
                 styles[f"{path}.{rel}"] = style

@@ -93,3 +93,27 @@ def tiny_model(family: str, *, registry: str | os.PathLike | None = None, seed: 
     config = family_config(family, registry=registry, **overrides)
     whole = getattr(config, "is_encoder_decoder", False) if registered_family(family, registry) else None
     return build(config, seed=seed, encoder_decoder=whole or None)
+
+
+# Model types whose eval-mode forward cannot be differentiated: RWKV updates its recurrent state
+# in place when not training. Their checks run in training mode (their tiny configs drop nothing).
+TRAINING_MODE_ONLY = {"rwkv"}
+
+
+def for_checking(model: nn.Module) -> nn.Module:
+    """``model`` in the mode a forward-and-backward check runs it: eval, unless it cannot."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return model.train(model_type in TRAINING_MODE_ONLY)
+
+
+def token_ids(model: nn.Module, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Random token ids that both the input embedding and the logits cover (CPM-Ant's embedding
+    also holds prompt tokens the vocabulary lacks), avoiding the special ids 0-2."""
+    vocab = model.get_input_embeddings().num_embeddings
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for limit in (getattr(head, "out_features", None), getattr(text, "vocab_size", None)):
+        if isinstance(limit, int) and limit > 0:
+            vocab = min(vocab, limit)
+    return torch.randint(min(3, vocab - 1), vocab, shape, generator=generator)

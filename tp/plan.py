@@ -45,8 +45,14 @@ class ResolvedPlan:
     local_counts: dict[str, str] = field(default_factory=dict)  # inferred "path.attr" -> head kind
     units: dict[str, list[str]] = field(default_factory=dict)  # inferred unit key -> its module paths
 
+    def heads_at(self, model: nn.Module, path: str) -> Heads | None:
+        """The heads as the module at ``path`` sees them (its parent's own head size, if any)."""
+        if self.heads is None or "." not in path:
+            return self.heads
+        return self.heads.at(model.get_submodule(path.rpartition(".")[0]))
+
     def styles(self, model: nn.Module):
-        return {path: d.style.build(heads=self.heads, module=model.get_submodule(path))
+        return {path: d.style.build(heads=self.heads_at(model, path), module=model.get_submodule(path))
                 for path, d in self.decisions.items()}
 
     def with_style(self, path: str, style: StyleSpec) -> None:

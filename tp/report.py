@@ -105,7 +105,7 @@ def _cost(path: str, style: StyleSpec, prepared: set[str], sp: bool, model, plan
     if style.name == "block_input":  # with sequence parallelism its input is all-gathered
         return int(sp), 1
     if style.name == "colwise":
-        replicated = _replicated_params(model, path, style, plan.heads, tp)
+        replicated = _replicated_params(model, path, style, plan.heads_at(model, path), tp)
         return int(sp and plain_input), int(plain_input) + replicated
     if style.name == "replicate":  # DTensor sums the partial gradient at its output once
         return 0, 1
@@ -148,7 +148,6 @@ def expected_collectives(model: nn.Module, plan: ResolvedPlan, tp: int) -> Colle
 
 def build(model: nn.Module, plan: ResolvedPlan, tp: int, problems: list[str] = ()) -> Report:
     rows = []
-    heads = plan.heads
     for path, module in model.named_modules():
         if not path:
             continue
@@ -161,5 +160,5 @@ def build(model: nn.Module, plan: ResolvedPlan, tp: int, problems: list[str] = (
         else:
             style, source = str(decision.style), decision.source
         rows.append(Row(path, type(module).__name__, style, source,
-                        _shapes(module, decision.style if decision else None, tp, heads)))
+                        _shapes(module, decision.style if decision else None, tp, plan.heads_at(model, path))))
     return Report(plan.family, tp, rows, expected_collectives(model, plan, tp), list(plan.warnings), list(problems))

@@ -69,13 +69,16 @@ def _head_dim(parent: nn.Module | None) -> int | None:
     return head_dim if isinstance(head_dim, int) and head_dim > 0 else None
 
 
-def constraints(model: nn.Module, plan: ResolvedPlan) -> tuple[list[Constraint], list[tuple[str, Layout]]]:
-    """Every quantity that must divide by the TP size, and every layout whose parts must split."""
+def constraints(model: nn.Module, plan: ResolvedPlan, paths: set[str] | None = None
+                ) -> tuple[list[Constraint], list[tuple[str, Layout]]]:
+    """Every quantity that must divide by the TP size, and every layout whose parts must split
+    (for the modules in ``paths``, default all)."""
     found, laid_out = [], []
-    heads = plan.heads
     for path, decision in plan.decisions.items():
+        if paths is not None and path not in paths:
+            continue
         module = model.get_submodule(path)
-        by_layout = layouts(decision.style, module, heads)
+        by_layout = layouts(decision.style, module, plan.heads_at(model, path))
         if by_layout is not None:
             laid_out += [(f"{path}.{name}", layout) for name, (layout, _) in by_layout.items()]
             continue
@@ -89,8 +92,11 @@ def constraints(model: nn.Module, plan: ResolvedPlan) -> tuple[list[Constraint],
             size = param.shape[dim]
             found.append(Constraint(path, f"{name}.shape[{dim}]", size))
             head_dim = _head_dim(parent)
-            # In attention, a shard must hold whole heads, not just a whole number of features.
-            if name == "weight" and head_dim and size % head_dim == 0 and isinstance(module, nn.Linear):
+            # In attention, a shard must hold whole heads, not just a whole number of features. An
+            # output of one value per head (a gate, a sink) holds whole heads already.
+            per_head = plan.heads is not None and size in (plan.heads.q, plan.heads.kv)
+            if name == "weight" and head_dim and not per_head and size % head_dim == 0 \
+                    and isinstance(module, nn.Linear):
                 found.append(Constraint(path, f"heads ({size} / head_dim {head_dim})", size // head_dim))
     return found, laid_out
 
@@ -114,6 +120,16 @@ def problems(model: nn.Module, plan: ResolvedPlan, tp: int) -> tuple[list[str], 
     found, laid_out = constraints(model, plan)
     working = [n for n in range(1, 65) if not _lines(found, laid_out, n)]
     return _lines(found, laid_out, tp), working
+
+
+def unit_problems(model: nn.Module, plan: ResolvedPlan, tp: int) -> dict[str, str]:
+    """For an inferred plan: unit key -> the first of its sizes that does not divide by ``tp``."""
+    found = {}
+    for key, paths in plan.units.items():
+        lines = _lines(*constraints(model, plan, set(paths)), tp)
+        if lines:
+            found[key] = lines[0]
+    return found
 
 
 def check(model: nn.Module, plan: ResolvedPlan, tp: int) -> None:

@@ -77,8 +77,8 @@ class ReplicateBlockInput(ParallelStyle):
     backward; sharing one DTensor lets autograd sum the partial gradients first, so the block
     costs a single all-reduce in the backward.
 
-    The input is the first positional tensor argument, or the keyword argument ``kwarg`` when
-    the block is called with keywords only (as Hugging Face decoder layers call attention).
+    The input is the first positional tensor argument (and every other argument that is the same
+    tensor), or the keyword argument ``kwarg`` when the block is called with keywords only (as Hugging Face decoder layers call attention).
 
     Keyword Args:
         kwarg (str): the keyword that carries the block input. Default: ``"hidden_states"``.
@@ -108,7 +108,8 @@ class ReplicateBlockInput(ParallelStyle):
 
         def hook(mod, args, kwargs):
             if args and isinstance(args[0], torch.Tensor):
-                return (replicate(args[0]), *args[1:]), kwargs
+                shared = replicate(args[0])  # CTRL passes the same input as query, key and value
+                return tuple(shared if a is args[0] else a for a in args), kwargs
             if isinstance(kwargs.get(self.kwarg), torch.Tensor):
                 return args, {**kwargs, self.kwarg: replicate(kwargs[self.kwarg])}
             raise PlanError(
@@ -245,7 +246,7 @@ def embedding(*, sequence_dim: int | None = None) -> ParallelStyle:
     with ``sequence_dim``, reduce-scattered along the sequence)."""
     if sequence_dim is not None:
         return RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(sequence_dim), use_local_output=False)
-    return RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    return OwnedRowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())  # CTRL scales it in place
 
 
 def lm_head(*, loss_parallel: bool = False, sequence_dim: int | None = None) -> ParallelStyle:

@@ -191,7 +191,7 @@ def _verify_rank(spec: VerifySpec) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     from .apply import apply
-    from .models import registered_family, tiny_model
+    from .models import for_checking, registered_family, tiny_model, token_ids
 
     world = dist.get_world_size()
     if spec.model_factory is not None:
@@ -200,7 +200,7 @@ def _verify_rank(spec: VerifySpec) -> dict:
     else:
         reference = tiny_model(spec.family, registry=spec.apply_kwargs.get("registry"), seed=spec.seed,
                                **spec.config_overrides)
-    reference = reference.float().eval()
+    reference = for_checking(reference.float())
     model = copy.deepcopy(reference)
     originals = {n: p.detach().clone() for n, p in model.named_parameters()}
     unsharded_bytes = _local_bytes(reference)
@@ -210,8 +210,7 @@ def _verify_rank(spec: VerifySpec) -> dict:
     report = apply(model, mesh, family=family, **spec.apply_kwargs)
 
     gen = torch.Generator().manual_seed(spec.seed + 1)
-    vocab = reference.get_input_embeddings().num_embeddings
-    ids = torch.randint(3, vocab, (spec.batch, spec.seq), generator=gen)
+    ids = token_ids(reference, (spec.batch, spec.seq), gen)
     inputs = model_inputs(reference, ids)
 
     ref_sizes, ref_hooks = _block_output_bytes(reference)
