@@ -104,6 +104,10 @@ class _Labeller(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name in _SPLITS and tensors and id(tensors[0]) in self.node_outputs:
             self._record_split(tensors[0], out, args, kwargs)
+        elif tensors and id(tensors[0]) in self.node_outputs and len(nodes) == 1 and \
+                isinstance(out, torch.Tensor) and out.shape == tensors[0].shape:
+            # the same features, changed element by element (DBRX clamps qkv before splitting it)
+            self.node_outputs[id(out)] = self.node_outputs[id(tensors[0])]
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.set_label(t, labels | self.labels.get(id(t), frozenset()))

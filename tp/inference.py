@@ -164,9 +164,15 @@ def _styles(block: nn.Module, block_name: str, unit: Unit, heads: Heads | None) 
         owner, _, name = param.rpartition(".")
         owners.setdefault(owner, []).append(name)
     for owner, names in owners.items():
-        own = [n for n, _ in block.get_submodule(owner).named_parameters(recurse=False)]
-        styles[owner] = StyleSpec("sum_grads") if sorted(names) == sorted(own) else \
-            StyleSpec("sum_grads", (("params", tuple(sorted(names))),))
+        module = block.get_submodule(owner)
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if heads and owner == unit.row.rpartition(".")[0] and all(
+                getattr(module, n).dim() == 1 and len(getattr(module, n)) == heads.q for n in names):
+            # one value per head on the attention module itself (GPT-OSS sinks), not a norm's weight
+            styles[owner] = StyleSpec("head_params", (("params", tuple(sorted(names))),))
+        else:
+            styles[owner] = StyleSpec("sum_grads") if sorted(names) == sorted(own) else \
+                StyleSpec("sum_grads", (("params", tuple(sorted(names))),))
     return InferredUnit(key, styles, _local_heads(block, unit, heads))
 
 
@@ -203,6 +209,10 @@ def _head_attributes(module: nn.Module, path: str, heads: Heads) -> dict[str, st
                 found[prefix] = "kv"
         elif lowered in FEATURE_NAMES and value == heads.q * heads.dim:
             found[prefix] = "q_features"
+    # in an attention module (one that keeps head counts), hidden_size may size the query (DBRX)
+    size = getattr(module, "hidden_size", None)
+    if found and isinstance(size, int) and size == heads.q * heads.dim:
+        found[f"{path}.hidden_size" if path else "hidden_size"] = "q_features"
     return found
 
 

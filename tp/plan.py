@@ -138,13 +138,18 @@ def with_sequence_parallel(plan: ResolvedPlan, model: nn.Module, registry: Regis
 
 def find_blocks(model: nn.Module) -> list[str]:
     """Paths of the repeated blocks: the children of the largest list of modules (hybrid models
-    mix block classes, attention and state-space layers, in one list)."""
-    best, best_size = None, 0
+    mix block classes, attention and state-space layers, in one list). A list beside the token
+    embedding is preferred: a multimodal model's audio or vision encoder may be larger than its
+    text decoder in a small configuration."""
+    embed = getattr(model, "get_input_embeddings", lambda: None)()
+    names = {m: n for n, m in model.named_modules()}
+    beside = names[embed].rpartition(".")[0] if embed in names else None
+    best, best_key = None, None
     for path, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module):
-            size = sum(p.numel() for p in module.parameters())
-            if size > best_size:
-                best, best_size = path, size
+            key = (path.rpartition(".")[0] == beside, sum(p.numel() for p in module.parameters()))
+            if key[1] and (best_key is None or key > best_key):
+                best, best_key = path, key
     if best is None:
         return []
     return [f"{best}.{i}" for i in range(len(model.get_submodule(best)))]

@@ -77,7 +77,7 @@ class Report:
 
 def _shapes(module: nn.Module, style: StyleSpec | None, tp: int, heads: Heads | None) -> str:
     by_layout = (layouts(style, module, heads) if style else None) or {}
-    dims = sharded_dims(style.name, module) if style else {}
+    dims = sharded_dims(style, module) if style else {}
     parts = []
     for name, param in module.named_parameters(recurse=False):
         shape = tuple(param.shape)

@@ -34,10 +34,12 @@ def layouts(style: StyleSpec, module: nn.Module, heads: Heads | None) -> dict[st
     return built.layouts(module) if isinstance(built, LayoutParallel) else None
 
 
-def sharded_dims(style: str, module: nn.Module) -> dict[str, int]:
-    if style == "head_norm":
+def sharded_dims(style: StyleSpec, module: nn.Module) -> dict[str, int]:
+    if style.name == "head_norm":
         return {n: 0 for n, p in module.named_parameters(recurse=False) if p.dim() >= 2}
-    for kind, dims in SHARDED_DIMS.get(style, {}).items():
+    if style.name == "head_params":
+        return {n: 0 for n in dict(style.args).get("params", ())}
+    for kind, dims in SHARDED_DIMS.get(style.name, {}).items():
         if isinstance(module, kind):
             return dims
     return {}
@@ -85,7 +87,7 @@ def constraints(model: nn.Module, plan: ResolvedPlan, paths: set[str] | None = N
         if uneven_ok(decision.style):
             continue
         parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else None
-        for name, dim in sharded_dims(decision.style.name, module).items():
+        for name, dim in sharded_dims(decision.style, module).items():
             param = getattr(module, name, None)
             if param is None:
                 continue

@@ -36,6 +36,7 @@ from torch.distributed.tensor.parallel import (
 from .errors import PlanError
 from .experts import PackedExperts
 from .grad_sums import SumGrads
+from .head_params import ShardHeadParams
 from .head_inputs import SliceHeadInput
 from .heads import Heads
 from .layout_styles import CONVOLUTIONS, UNITS, ColwiseLayout, Conv1D, RowwiseLayout
@@ -295,6 +296,11 @@ def sum_grads(*, params: tuple = ()) -> ParallelStyle:
     return SumGrads(params=params)
 
 
+def head_params(*, params: tuple = ()) -> ParallelStyle:
+    """Parameters with one entry per attention head (GPT-OSS sinks): sharded with the heads."""
+    return ShardHeadParams(params=params)
+
+
 def head_input(*, kwarg: str, index: int | None = None, head_dim: int = 0, heads: Heads | None = None) -> ParallelStyle:
     """Slice a per-head tensor argument of an attention (ALiBi bias) to this rank's query heads."""
     return SliceHeadInput(kwarg=kwarg, index=index, head_dim=head_dim, heads=heads.q if heads else None)
@@ -339,6 +345,7 @@ STYLES: dict[str, StyleDef] = {
         StyleDef("head_norm", head_norm, ()),
         StyleDef("head_input", head_input, ()),
         StyleDef("sum_grads", sum_grads, ()),
+        StyleDef("head_params", head_params, ()),
         StyleDef("block_input", block_input, ()),
     )
 }
