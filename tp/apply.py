@@ -114,7 +114,7 @@ def _fitted(model: nn.Module, mesh: DeviceMesh, resolved: plan_.ResolvedPlan, op
         return resolved  # sizes.check refuses with every size that does not divide
     if trial:
         failing = failing_units(inference.twin, mesh, working, options)
-        if failing and len(failing) == len(working):
+        if all(key in failing for key in working if not plan_.is_end_unit(key)):
             reasons = "; ".join(f"{key}: {why}" for key, why in failing.items())
             raise PlanError(
                 f"{type(model).__name__}: no family in the registry recognises it, and no part of the plan inferred "

@@ -185,9 +185,11 @@ def _local_heads(block: nn.Module, unit: Unit, heads: Heads | None) -> dict[str,
     if heads is None or not unit.columns:
         return {}
     owner = unit.row.rpartition(".")[0]
+    if not owner:  # a row-parallel linear of the block itself: the block's other modules are not this unit's
+        return _head_attributes(block, "", heads)
     found = {}
     # the attention module and its helpers (a forget gate that reshapes by heads), not its linears
-    for sub, module in (block.get_submodule(owner) if owner else block).named_modules(prefix=owner):
+    for sub, module in block.get_submodule(owner).named_modules(prefix=owner):
         if not isinstance(module, nn.Linear):
             found.update(_head_attributes(module, sub, heads))
     return found

@@ -273,6 +273,15 @@ def resolve(
     return resolved
 
 
+def end_unit(style: str, path: str) -> str:
+    """The unit key of the embedding or the lm_head in an inferred plan."""
+    return f"{style}: {path}"
+
+
+def is_end_unit(key: str) -> bool:
+    return key.startswith(("embedding: ", "lm_head: "))
+
+
 INFERRED = "inferred (dataflow)"
 CONFIRMED = "transformers plan (dataflow agrees)"
 
@@ -297,14 +306,16 @@ def infer_from_dataflow(model: nn.Module, registry: Registry, decisions: dict[st
         raise PlanError(f"{type(model).__name__}: no family in the registry recognises it, and its plan cannot be "
                         f"inferred: {'; '.join(inference.problems)}. Add a family to registry.toml")
     styles, counts, unit_paths = expand(model, blocks, inference, units)
-    if not styles:
+    if not styles and units is None:
         reasons = "; ".join(f"{m}: {why}" for m, why in list(inference.kept.items())[:6])
         raise PlanError(f"{type(model).__name__}: no family in the registry recognises it, and no part of its blocks "
                         f"can be sharded safely ({reasons}). Add a family to registry.toml, or use data parallelism")
-    if inference.embedding:
-        styles[inference.embedding] = StyleSpec("embedding")
-    if inference.lm_head:
-        styles[inference.lm_head] = StyleSpec("lm_head")
+    # the ends are units too: a model may read its embedding's weight outside the embedding (Gemma 4)
+    for path, style in ((inference.embedding, "embedding"), (inference.lm_head, "lm_head")):
+        key = end_unit(style, path)
+        if path and (units is None or key in units):
+            styles[path] = StyleSpec(style)
+            unit_paths[key] = [path]
     theirs = transformers_plan(model)
     for path, style in styles.items():
         original, translated = translated_style(theirs, path, style.name)
