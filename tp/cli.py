@@ -24,7 +24,7 @@ def _plan(args) -> int:
     from . import report as report_
     from . import sizes
     from .apply import resolve
-    from .models import build, family_config, registered_family
+    from .models import build, encoder_decoder, family_config, registered_family
 
     target = Path(args.target)
     if target.is_dir():
@@ -35,7 +35,7 @@ def _plan(args) -> int:
     else:
         config = family_config(args.target, tiny=args.tiny, registry=args.registry)
         family = registered_family(args.target, args.registry)
-    model = build(config, device="meta")
+    model = build(config, device="meta", encoder_decoder=encoder_decoder(config, family))
     resolved = resolve(model, args.tp, family=family, allreduce=args.allreduce, keep=args.keep,
                        config=args.config, registry=args.registry, strict=args.strict,
                        sequence_parallel=args.sequence_parallel)

@@ -91,8 +91,13 @@ def tiny_model(family: str, *, registry: str | os.PathLike | None = None, seed: 
     """The tiny model of a family; a registered family with an encoder-decoder config (t5, bart,
     whisper) is built whole, encoder and decoder, not as its decoder-only causal LM."""
     config = family_config(family, registry=registry, **overrides)
-    whole = getattr(config, "is_encoder_decoder", False) if registered_family(family, registry) else None
-    return build(config, seed=seed, encoder_decoder=whole or None)
+    return build(config, seed=seed, encoder_decoder=encoder_decoder(config, registered_family(family, registry)))
+
+
+def encoder_decoder(config, family: str | None) -> bool | None:
+    """True for a registered family's encoder-decoder config (build it whole), else None (the
+    Auto classes decide)."""
+    return True if family and getattr(config, "is_encoder_decoder", False) else None
 
 
 # Model types whose eval-mode forward cannot be differentiated: RWKV updates its recurrent state

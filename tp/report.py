@@ -146,17 +146,35 @@ def expected_collectives(model: nn.Module, plan: ResolvedPlan, tp: int) -> Colle
     return Collectives(fwd_block, bwd_block, fwd_out, bwd_out, len(blocks))
 
 
+def _tied_holders(model: nn.Module, plan: ResolvedPlan) -> dict[str, str]:
+    """Module without a style -> the styled module whose parameters it shares (T5's ``shared``):
+    tp.apply gives it that module's sharded parameters."""
+    styled = {}
+    for path in plan.decisions:
+        for param in model.get_submodule(path).parameters(recurse=False):
+            styled.setdefault(id(param), path)
+    found = {}
+    for path, module in model.named_modules():
+        params = list(module.parameters(recurse=False))
+        if path not in plan.decisions and params and all(id(p) in styled for p in params):
+            found[path] = styled[id(params[0])]
+    return found
+
+
 def build(model: nn.Module, plan: ResolvedPlan, tp: int, problems: list[str] = ()) -> Report:
     rows = []
+    tied = _tied_holders(model, plan)
     for path, module in model.named_modules():
         if not path:
             continue
-        decision = plan.decisions.get(path)
+        decision = plan.decisions.get(tied.get(path, path))
         has_params = any(True for _ in module.parameters(recurse=False))
         if decision is None:
             if not has_params:
                 continue
             style, source = "whole", "not in plan"
+        elif path in tied:
+            style, source = "tied", f"tied to {tied[path]}"
         else:
             style, source = str(decision.style), decision.source
         rows.append(Row(path, type(module).__name__, style, source,
