@@ -126,9 +126,17 @@ def _ends(model: nn.Module) -> tuple[str | None, str | None]:
     return embedding, lm_head
 
 
+def _out_features(module: nn.Module) -> int:
+    return getattr(module, "out_features", None) or module.weight.shape[-1]  # GPT-2's Conv1D: [in, out]
+
+
+def _in_features(module: nn.Module) -> int:
+    return getattr(module, "in_features", None) or module.weight.shape[0]
+
+
 def _column_style(module: nn.Module, split: tuple[int, ...] | None, heads: Heads | None) -> StyleSpec | None:
     """colwise, with the layout of a fused output when the trace saw it cut into parts."""
-    out = getattr(module, "out_features", None) or module.weight.shape[-1]
+    out = _out_features(module)
     if split:
         if len(set(split)) == 1:
             return StyleSpec("colwise", (("parts", len(split)),))
@@ -163,10 +171,18 @@ def _styles(block: nn.Module, block_name: str, unit: Unit, heads: Heads | None) 
     for param in unit.grad_sums:
         owner, _, name = param.rpartition(".")
         owners.setdefault(owner, []).append(name)
+    # widths of the evenly sharded tensors in this unit: a norm of that many features spans them all
+    widths = {_in_features(block.get_submodule(unit.row))} if unit.columns else set()
+    # (kv heads fewer than the ranks are replicated, not split: the trial rejects the norm there)
+    even = (StyleSpec("colwise"), StyleSpec("colwise", (("parts", ("kv",)),)))
+    widths |= {_out_features(block.get_submodule(c)) for c in unit.columns if styles[c] in even}
     for owner, names in owners.items():
         module = block.get_submodule(owner)
         own = [n for n, _ in module.named_parameters(recurse=False)]
-        if heads and owner == unit.row.rpartition(".")[0] and all(
+        if sorted(names) == sorted(own) and all(getattr(module, n).dim() == 1 and len(getattr(module, n)) in widths
+                                                 for n in names):
+            styles[owner] = StyleSpec("gathered_norm")
+        elif heads and owner == unit.row.rpartition(".")[0] and all(
                 getattr(module, n).dim() == 1 and len(getattr(module, n)) == heads.q for n in names):
             # one value per head on the attention module itself (GPT-OSS sinks), not a norm's weight
             styles[owner] = StyleSpec("head_params", (("params", tuple(sorted(names))),))

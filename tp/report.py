@@ -111,6 +111,8 @@ def _cost(path: str, style: StyleSpec, prepared: set[str], sp: bool, model, plan
         return 0, 1
     if style.name == "experts":  # the routing weights' gradient, and a plain input's
         return 1, 1 + int(plain_input)
+    if style.name == "gathered_norm":  # all-gather; reduce-scatter and an all-reduce per parameter
+        return 1, 1 + len(list(model.get_submodule(path).parameters(recurse=False)))
     if style.name == "sum_grads":  # one all-reduce per parameter
         module = model.get_submodule(path)
         return 0, len(args.get("params") or list(module.parameters(recurse=False)))

@@ -35,6 +35,7 @@ from torch.distributed.tensor.parallel import (
 
 from .errors import PlanError
 from .experts import PackedExperts
+from .gathered_norm import GatheredNorm
 from .grad_sums import SumGrads
 from .head_params import ShardHeadParams
 from .head_inputs import SliceHeadInput
@@ -78,8 +79,8 @@ class ReplicateBlockInput(ParallelStyle):
     backward; sharing one DTensor lets autograd sum the partial gradients first, so the block
     costs a single all-reduce in the backward.
 
-    The input is the first positional tensor argument (and every other argument that is the same
-    tensor), or the keyword argument ``kwarg`` when the block is called with keywords only (as Hugging Face decoder layers call attention).
+    The input is the first positional tensor argument, or the keyword argument ``kwarg`` when
+    the block is called with keywords only (as Hugging Face decoder layers call attention).
 
     Keyword Args:
         kwarg (str): the keyword that carries the block input. Default: ``"hidden_states"``.
@@ -109,8 +110,7 @@ class ReplicateBlockInput(ParallelStyle):
 
         def hook(mod, args, kwargs):
             if args and isinstance(args[0], torch.Tensor):
-                shared = replicate(args[0])  # CTRL passes the same input as query, key and value
-                return tuple(shared if a is args[0] else a for a in args), kwargs
+                return (replicate(args[0]), *args[1:]), kwargs
             if isinstance(kwargs.get(self.kwarg), torch.Tensor):
                 return args, {**kwargs, self.kwarg: replicate(kwargs[self.kwarg])}
             raise PlanError(
@@ -296,6 +296,11 @@ def sum_grads(*, params: tuple = ()) -> ParallelStyle:
     return SumGrads(params=params)
 
 
+def gathered_norm() -> ParallelStyle:
+    """A norm over all features of a column-sharded tensor (OLMo 2's q_norm): gathered, run whole."""
+    return GatheredNorm()
+
+
 def head_params(*, params: tuple = ()) -> ParallelStyle:
     """Parameters with one entry per attention head (GPT-OSS sinks): sharded with the heads."""
     return ShardHeadParams(params=params)
@@ -346,6 +351,7 @@ STYLES: dict[str, StyleDef] = {
         StyleDef("head_input", head_input, ()),
         StyleDef("sum_grads", sum_grads, ()),
         StyleDef("head_params", head_params, ()),
+        StyleDef("gathered_norm", gathered_norm, ()),
         StyleDef("block_input", block_input, ()),
     )
 }

@@ -1,0 +1,62 @@
+"""A norm over every feature of a column-sharded tensor, run whole on gathered features.
+
+OLMo 2 normalises the query over all heads at once (``q_norm`` of ``num_heads * head_dim``
+features) and BitNet normalises the attention output and the MLP's intermediate features
+before their row-parallel projections. Each rank holds only its own features there, and a
+norm over a slice would use the slice's statistics, not the whole tensor's. Here the features
+are all-gathered, the module's own forward runs on the whole tensor, and each rank keeps its
+own features of the result. The norm's weight stays whole; each rank's gradient covers only
+its features, so the gradients are summed over the ranks, and so are the gathered input's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from .grad_sums import _SumGradOverRanks
+from .layout_styles import lend_local_params, take_back_params
+
+
+class GatheredNorm(ParallelStyle):
+    """Run a norm on the all-gathered last dimension of its column-sharded input; keep this
+    rank's equal slice of its output.
+
+    The input must be sharded evenly and in rank order along its last dimension (the output of
+    a plain column-parallel linear, or the input of a plain row-parallel one). One all-gather in
+    the forward; a reduce-scatter of the input gradient and an all-reduce per parameter in the
+    backward.
+
+    Example::
+        >>> parallelize_module(model, mesh, {"layers.0.self_attn.q_norm": GatheredNorm()})
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        names = [n for n, _ in module.named_parameters(recurse=False)]
+        group, tp, rank = device_mesh.get_group(), device_mesh.size(), device_mesh.get_local_rank()
+
+        def gather(mod, args):
+            x = args[0]
+            last = x.dim() - 1
+            whole = DTensor.from_local(x, device_mesh, [Shard(last)], run_check=False)
+            # each rank's gradient of the whole tensor covers only its own output features: partial
+            whole = whole.redistribute(device_mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+            lend_local_params(mod, names, lambda name, p: _SumGradOverRanks.apply(p, group))
+            return (whole, *args[1:])
+
+        def keep_own(mod, args, output):
+            take_back_params(mod)
+            if not isinstance(output, torch.Tensor):
+                return output
+            width = output.shape[-1] // tp
+            return output.narrow(-1, rank * width, width)
+
+        module.register_forward_pre_hook(gather)
+        module.register_forward_hook(keep_own, always_call=True)
+        return module
+
+    def __repr__(self) -> str:
+        return "GatheredNorm()"
