@@ -4,6 +4,7 @@ docs/coverage.md against the installed transformers. The full census is `python 
 from pathlib import Path
 
 import pytest
+import torch
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import tp
@@ -65,6 +66,18 @@ def test_committed_coverage_has_no_wrong_result():
 def test_refused_model_raises_plan_error_in_apply(pool2):
     with pytest.raises(tp.errors.PlanError, match="can be sharded safely"):
         tp.verify(model_factory=_mamba, tp=2, pool=pool2)
+
+
+def test_token_ids_fit_the_logits_and_rwkv_checks_in_training_mode():
+    """CPM-Ant's embedding also holds prompt tokens its logits lack; RWKV's eval forward updates
+    its state in place, which backward cannot go through."""
+    from tp.models import for_checking, token_ids
+
+    cpmant = tp.census.tiny_model("cpmant")
+    ids = token_ids(cpmant, (4, 64), torch.Generator().manual_seed(0))
+    assert int(ids.max()) < cpmant.get_output_embeddings().out_features < cpmant.get_input_embeddings().num_embeddings
+    assert for_checking(tp.census.tiny_model("rwkv")).training and not for_checking(cpmant).training
+    assert tp.census._builds("cpmant") is None and tp.census._builds("rwkv") is None
 
 
 def _mamba():

@@ -135,8 +135,9 @@ def census_row(model_type: str, pools: dict[int, WorkerPool], sizes_: tuple[int,
                  and result.gathered_exact)
         row.results[tp] = ("partial" if partial else "verified") if exact else "wrong"
         if exact and not result.collectives_ok:  # HRM runs its blocks several times per forward
-            partial.append(f"collectives {sum(result.forward_collectives.values())} forward, not the "
-                            f"{result.expected_forward} the plan predicts for one pass over the blocks")
+            partial.append(f"collectives {sum(result.forward_collectives.values())} forward / "
+                           f"{sum(result.backward_collectives.values())} backward, not the {result.expected_forward} / "
+                           f"{result.expected_backward} the plan predicts for one pass over the blocks")
         if tp == 2 or row.logits is None:
             row.logits, row.grad = result.logits_max_abs, result.worst_grad_rel
             row.per_layer = f"{result.per_block_forward} / {result.per_block_backward}"

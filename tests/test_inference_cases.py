@@ -1,0 +1,119 @@
+"""Inferred plans on tiny transformers models whose structure needed more than column/row pairs.
+
+Each model is sharded with ``tp.apply(model, mesh)`` and nothing else and compared with the
+unsharded model by ``tp.verify`` (logits 1e-5 absolute, gradients 1e-4 relative, parameters
+gathered exact, collectives as the report predicts). The report says which style each module got
+and which units stayed whole, and why.
+"""
+
+import functools
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import tp
+from tp.census import tiny_model
+from tp.plan import find_blocks
+
+
+def _verify(model_type: str, pool, size: int = 2):
+    result = tp.verify(model_factory=functools.partial(tiny_model, model_type), tp=size, pool=pool)
+    assert result.logits_max_abs <= 1e-5 and result.worst_grad_rel <= 1e-4, result.table()
+    assert result.gathered_exact, result.gathered_mismatch
+    return result
+
+
+def _style(result, module: str) -> str:
+    row = next(line for line in result.report.splitlines() if line.startswith(module + " "))
+    return re.split(r"\s{2,}", row)[2]  # columns: module, type, style, ...
+
+
+def _whole(result) -> list[str]:
+    return [line for line in result.report.splitlines() if line.startswith("warning:") and "stays whole" in line]
+
+
+def test_bert_lm_head_sharded_with_its_tied_bias(pool2):
+    """BERT's prediction head holds its decoder's bias: the unstyled holder takes the sharded one."""
+    result = _verify("bert", pool2)
+    assert _style(result, "cls.predictions.decoder") == "lm_head" and not _whole(result)
+    assert result.collectives_ok and result.per_block_forward == 2
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_norm_over_all_heads_is_gathered(size, pool2, pool4):
+    """OLMo 2 normalises q and k over all heads: gathered_norm, one all-gather each."""
+    result = _verify("olmo2", {2: pool2, 4: pool4}[size], size)
+    assert _style(result, "model.layers.0.self_attn.q_norm") == "gathered_norm"
+    assert not _whole(result) and result.collectives_ok
+    assert result.first_block_forward == {"all_reduce": 2, "all_gather": 2}
+
+
+def test_bitnet_sub_norms_before_the_row_linears(pool2):
+    result = _verify("bitnet", pool2)
+    assert _style(result, "model.layers.0.self_attn.attn_sub_norm") == "gathered_norm"
+    assert _style(result, "model.layers.0.mlp.ffn_sub_norm") == "gathered_norm"
+    assert not _whole(result) and result.collectives_ok
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_attention_sinks_sharded_with_the_heads(size, pool2, pool4):
+    """GPT-OSS: one sink per head on the attention module (head_params); its experts carry
+    biases, a layout the experts style does not take, so they stay whole by the inference."""
+    result = _verify("gpt_oss", {2: pool2, 4: pool4}[size], size)
+    assert _style(result, "model.layers.0.self_attn") == "head_params(params=[sinks])"
+    assert _style(result, "model.layers.0.self_attn.o_proj") == "rowwise" and not _whole(result)
+
+
+def test_split_after_an_elementwise_op(pool2):
+    """DBRX clamps its fused qkv before splitting it: the split still gives q/kv parts."""
+    result = _verify("dbrx", pool2)
+    assert _style(result, "transformer.blocks.0.norm_attn_norm.attn.Wqkv") == "colwise(parts=[q, kv, kv])"
+
+
+def test_unit_whose_sizes_do_not_divide_stays_whole(pool2):
+    """DeepSeek V3.2's indexer key has one head of head_dim features: the attention unit stays
+    whole at this TP size and the rest of the plan is used."""
+    result = _verify("deepseek_v32", pool2)
+    warning, = _whole(result)
+    assert "self_attn.o_proj stays whole: at tp=2" in warning and "indexer.wk" in warning
+    assert _style(result, "model.layers.0.mlp.down_proj") == "rowwise"
+
+
+def test_per_layer_head_size_and_embedding_read_outside_it(pool2):
+    """Gemma 4: full-attention layers have a larger head than sliding ones, and the multimodal
+    model reads its text embedding's weight directly, so the embedding unit fails its trial
+    alone and stays whole with the lm_head tied to it."""
+    result = _verify("gemma4", pool2)
+    warnings = "\n".join(_whole(result))
+    assert "embedding: model.language_model.embed_tokens stays whole" in warnings
+    assert _style(result, "model.language_model.layers.5.self_attn.k_proj") == "colwise(parts=[kv])"
+
+
+def test_blocks_beside_the_token_embedding():
+    """Phi-4-multimodal's tiny audio encoder is larger than its text decoder."""
+    with torch.device("meta"):
+        model = tiny_model("phi4_multimodal")
+    assert find_blocks(model) == ["model.layers.0", "model.layers.1"]
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.layers = nn.ModuleList([nn.Linear(4, 4)])
+        self.audio = nn.ModuleDict({"layers": nn.ModuleList([nn.Linear(4, 64), nn.Linear(64, 4)])})
+
+    def get_input_embeddings(self):
+        return self.embed
+
+
+class _NoEmbeddingSaid(_Tiny):
+    def get_input_embeddings(self):
+        return None
+
+
+def test_blocks_beside_the_embedding_win_over_larger_lists():
+    assert find_blocks(_Tiny()) == ["layers.0"]
+    assert find_blocks(_NoEmbeddingSaid()) == ["audio.layers.0", "audio.layers.1"]  # else the largest
