@@ -138,11 +138,15 @@ def census_row(model_type: str, pools: dict[int, WorkerPool], sizes_: tuple[int,
             partial.append(f"collectives {sum(result.forward_collectives.values())} forward / "
                            f"{sum(result.backward_collectives.values())} backward, not the {result.expected_forward} / "
                            f"{result.expected_backward} the plan predicts for one pass over the blocks")
+        notes = [w.removeprefix("warning: ") for w in partial]
         if tp == 2 or row.logits is None:
             row.logits, row.grad = result.logits_max_abs, result.worst_grad_rel
             row.per_layer = f"{result.per_block_forward} / {result.per_block_backward}"
             row.params_per_rank = f"{result.param_bytes_per_rank / result.param_bytes_unsharded:.2f}"
-            row.note = "; ".join(w.removeprefix("warning: ") for w in partial)
+            row.note = "; ".join(notes)
+        else:  # what only this size keeps whole
+            extra = [f"TP={tp}: {n}" for n in notes if n not in row.note]
+            row.note = "; ".join([row.note, *extra] if row.note else extra)
     return row
 
 
