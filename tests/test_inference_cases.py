@@ -83,12 +83,20 @@ def test_unit_whose_sizes_do_not_divide_stays_whole(pool2):
 
 def test_per_layer_head_size_and_embedding_read_outside_it(pool2):
     """Gemma 4: full-attention layers have a larger head than sliding ones, and the multimodal
-    model reads its text embedding's weight directly, so the embedding unit fails its trial
-    alone and stays whole with the lm_head tied to it."""
+    model reads its text embedding's weight directly, so the embedding and the lm_head tied to
+    it (one unit: a shared weight has one layout) fail their trial and stay whole."""
     result = _verify("gemma4", pool2)
     warnings = "\n".join(_whole(result))
-    assert "embedding: model.language_model.embed_tokens stays whole" in warnings
+    assert "embedding and lm_head: model.language_model.embed_tokens, lm_head stays whole" in warnings
     assert _style(result, "model.language_model.layers.5.self_attn.k_proj") == "colwise(parts=[kv])"
+
+
+def test_full_attention_swapped_in_during_the_trace(pool2):
+    """BigBird replaces its block-sparse attention with full attention on short inputs: the
+    plan follows the blocks as the forward left them."""
+    result = _verify("big_bird", pool2)
+    assert _style(result, "bert.encoder.layer.0.output.dense") == "rowwise"
+    assert _style(result, "cls.predictions.decoder") == "lm_head"
 
 
 def test_blocks_beside_the_token_embedding():

@@ -145,7 +145,7 @@ def census_row(model_type: str, pools: dict[int, WorkerPool], sizes_: tuple[int,
             row.params_per_rank = f"{result.param_bytes_per_rank / result.param_bytes_unsharded:.2f}"
             row.note = "; ".join(notes)
         else:  # what only this size keeps whole
-            extra = [f"TP={tp}: {n}" for n in notes if n not in row.note]
+            extra = [f"TP={tp}: {n}" for n in notes if n.partition(" stays whole")[0] not in row.note]
             row.note = "; ".join([row.note, *extra] if row.note else extra)
     return row
 

@@ -144,7 +144,9 @@ def trace_blocks(model: nn.Module, blocks: list[str], run) -> dict[tuple, BlockF
     finally:
         for h in handles:
             h.remove()
-    return flows
+    # keyed by the structure the forward left: BigBird swaps its sparse attention for full
+    # attention on short inputs, for good
+    return {block_signature(model.get_submodule(firsts[signature])): flow for signature, flow in flows.items()}
 
 
 def _hook_block(block: nn.Module, signature: tuple, flows: dict) -> list:

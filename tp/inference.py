@@ -79,8 +79,6 @@ def infer(model: nn.Module, blocks: list[str], keep_patterns: list[str]) -> Infe
     from .plan import find_blocks
 
     twin_blocks = find_blocks(twin)
-    # before the trace: some models swap a block's submodules during forward (BigBird's attention)
-    by_signature = {block_signature(twin.get_submodule(b)): b for b in reversed(twin_blocks)}
     was_training = twin.training
     twin.eval()
     try:
@@ -90,6 +88,7 @@ def infer(model: nn.Module, blocks: list[str], keep_patterns: list[str]) -> Infe
     finally:
         twin.train(was_training)
     heads = heads_of(getattr(twin, "config", None))
+    by_signature = {block_signature(twin.get_submodule(b)): b for b in reversed(twin_blocks)}
     units, kept = {}, {}
     for signature, flow in flows.items():
         path = by_signature[signature]

@@ -273,13 +273,21 @@ def resolve(
     return resolved
 
 
-def end_unit(style: str, path: str) -> str:
-    """The unit key of the embedding or the lm_head in an inferred plan."""
-    return f"{style}: {path}"
+END_UNITS = ("embedding: ", "lm_head: ", "embedding and lm_head: ")
+
+
+def end_units(model: nn.Module, inference: Inference) -> dict[str, list[tuple[str, str]]]:
+    """Unit key -> (style, path) of the embedding and the lm_head in an inferred plan: one unit
+    when they share their weight (which needs one layout), else one each."""
+    ends = [(style, path) for style, path in (("embedding", inference.embedding), ("lm_head", inference.lm_head))
+            if path]
+    if len(ends) == 2 and model.get_submodule(ends[0][1]).weight is model.get_submodule(ends[1][1]).weight:
+        return {f"{END_UNITS[2]}{ends[0][1]}, {ends[1][1]}": ends}
+    return {f"{style}: {path}": [(style, path)] for style, path in ends}
 
 
 def is_end_unit(key: str) -> bool:
-    return key.startswith(("embedding: ", "lm_head: "))
+    return key.startswith(END_UNITS)
 
 
 INFERRED = "inferred (dataflow)"
@@ -311,11 +319,10 @@ def infer_from_dataflow(model: nn.Module, registry: Registry, decisions: dict[st
         raise PlanError(f"{type(model).__name__}: no family in the registry recognises it, and no part of its blocks "
                         f"can be sharded safely ({reasons}). Add a family to registry.toml, or use data parallelism")
     # the ends are units too: a model may read its embedding's weight outside the embedding (Gemma 4)
-    for path, style in ((inference.embedding, "embedding"), (inference.lm_head, "lm_head")):
-        key = end_unit(style, path)
-        if path and (units is None or key in units):
-            styles[path] = StyleSpec(style)
-            unit_paths[key] = [path]
+    for key, ends in end_units(model, inference).items():
+        if units is None or key in units:
+            styles.update({path: StyleSpec(style) for style, path in ends})
+            unit_paths[key] = [path for _, path in ends]
     theirs = transformers_plan(model)
     for path, style in styles.items():
         original, translated = translated_style(theirs, path, style.name)
