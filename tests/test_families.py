@@ -8,6 +8,8 @@ Collectives are counted with CommDebugMode and must equal what the plan predicts
 at most 2 per decoder layer in each direction.
 """
 
+import functools
+
 import pytest
 
 import tp
@@ -78,3 +80,12 @@ def test_unregistered_decoder_gets_an_inferred_plan(model_type, pool2):
     _check(result)
     assert "inferred" in result.report
     assert result.per_block_forward == 2 and result.per_block_backward == 2
+
+
+def test_falcon_mamba_shares_the_mamba_family(pool2):
+    """Falcon-Mamba's mixer adds weightless norms on dt, B and C, which run on the whole values."""
+    from tp.census import tiny_model
+
+    result = tp.verify(model_factory=functools.partial(tiny_model, "falcon_mamba"), tp=2, pool=pool2)
+    _check(result)
+    assert result.family == "mamba" and (result.per_block_forward, result.per_block_backward) == (2, 2)

@@ -59,10 +59,10 @@ def test_bitnet_sub_norms_before_the_row_linears(pool2):
 
 @pytest.mark.parametrize("size", [2, 4])
 def test_attention_sinks_sharded_with_the_heads(size, pool2, pool4):
-    """GPT-OSS: one sink per head on the attention module (head_params); its experts carry
+    """GPT-OSS: one sink per head on the attention module (shard_rows); its experts carry
     biases, a layout the experts style does not take, so they stay whole by the inference."""
     result = _verify("gpt_oss", {2: pool2, 4: pool4}[size], size)
-    assert _style(result, "model.layers.0.self_attn") == "head_params(params=[sinks])"
+    assert _style(result, "model.layers.0.self_attn") == "shard_rows(params=[sinks])"
     assert _style(result, "model.layers.0.self_attn.o_proj") == "rowwise" and not _whole(result)
 
 

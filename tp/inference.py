@@ -184,7 +184,7 @@ def _styles(block: nn.Module, block_name: str, unit: Unit, heads: Heads | None) 
         elif heads and owner == unit.row.rpartition(".")[0] and all(
                 getattr(module, n).dim() == 1 and len(getattr(module, n)) == heads.q for n in names):
             # one value per head on the attention module itself (GPT-OSS sinks), not a norm's weight
-            styles[owner] = StyleSpec("head_params", (("params", tuple(sorted(names))),))
+            styles[owner] = StyleSpec("shard_rows", (("params", tuple(sorted(names))),))
         else:
             styles[owner] = StyleSpec("sum_grads") if sorted(names) == sorted(own) else \
                 StyleSpec("sum_grads", (("params", tuple(sorted(names))),))

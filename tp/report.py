@@ -97,6 +97,8 @@ def _cost(path: str, style: StyleSpec, prepared: set[str], sp: bool, model, plan
     args = dict(style.args)
     sharded_sequence = args.get("sequence_dim") is not None
     plain_input = path.rpartition(".")[0] not in prepared
+    if style.name == "rowwise_into_sharded":  # all-reduced forward and backward
+        return 1, 1
     if style.name in ("rowwise", "embedding"):
         # all-reduce, or reduce-scatter with its all-gather in the backward
         return 1, int(sharded_sequence)

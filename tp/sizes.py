@@ -20,6 +20,7 @@ SHARDED_DIMS: dict[str, dict[type, dict[str, int]]] = {
     "colwise": {nn.Linear: {"weight": 0, "bias": 0}, nn.Embedding: {"weight": 1}},
     "lm_head": {nn.Linear: {"weight": 0, "bias": 0}},
     "rowwise": {nn.Linear: {"weight": 1}},
+    "rowwise_into_sharded": {nn.Linear: {"weight": 1}},
     "embedding": {nn.Embedding: {"weight": 0}},
 }
 
@@ -37,8 +38,8 @@ def layouts(style: StyleSpec, module: nn.Module, heads: Heads | None) -> dict[st
 def sharded_dims(style: StyleSpec, module: nn.Module) -> dict[str, int]:
     if style.name == "head_norm":
         return {n: 0 for n, p in module.named_parameters(recurse=False) if p.dim() >= 2}
-    if style.name == "head_params":
-        return {n: 0 for n in dict(style.args).get("params", ())}
+    if style.name == "shard_rows":
+        return {n: 0 for n in dict(style.args).get("params", ()) or dict(module.named_parameters(recurse=False))}
     for kind, dims in SHARDED_DIMS.get(style.name, {}).items():
         if isinstance(module, kind):
             return dims

@@ -36,11 +36,11 @@ from torch.distributed.tensor.parallel import (
 from .errors import PlanError
 from .experts import PackedExperts
 from .gathered_norm import GatheredNorm
-from .grad_sums import SumGrads
-from .head_params import ShardHeadParams
+from .grad_sums import SumGrads, _SumGradOverRanks
 from .head_inputs import SliceHeadInput
 from .heads import Heads
 from .layout_styles import CONVOLUTIONS, UNITS, ColwiseLayout, Conv1D, RowwiseLayout
+from .shard_rows import ShardRows
 
 
 class KeepWhole(ParallelStyle):
@@ -225,6 +225,29 @@ class OwnedRowwiseParallel(RowwiseParallel):
         return out.clone() if use_local_output else out
 
 
+class RowwiseIntoSharded(RowwiseParallel):
+    """torch's RowwiseParallel for a linear whose all-reduced output is read by sharded
+    computation, not added to the residual stream.
+
+    Mamba's ``x_proj`` reduces the channel-sharded activations to dt, B and C, which every rank
+    then applies to its own channels: each rank's gradient of that output is a part of the
+    whole, so the backward all-reduces it too (Megatron's ``g`` followed by ``f``).
+
+    Example::
+        >>> parallelize_module(model, mesh, {"layers.0.mixer.x_proj": RowwiseIntoSharded()})
+    """
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        whole = outputs.redistribute(placements=output_layouts).to_local()
+        return _SumGradOverRanks.apply(whole, device_mesh.get_group())
+
+
+def rowwise_into_sharded() -> ParallelStyle:
+    """Row-parallel linear whose all-reduced output feeds sharded computation (Mamba's x_proj): gradient summed."""
+    return RowwiseIntoSharded()
+
+
 def rowwise(*, parts=1, unit: str = "row", sequence_dim: int | None = None, heads: Heads | None = None,
             module: nn.Module | None = None) -> ParallelStyle:
     """Input features sharded; partial outputs all-reduced (torch's RowwiseParallel, or
@@ -301,9 +324,9 @@ def gathered_norm() -> ParallelStyle:
     return GatheredNorm()
 
 
-def head_params(*, params: tuple = ()) -> ParallelStyle:
-    """Parameters with one entry per attention head (GPT-OSS sinks): sharded with the heads."""
-    return ShardHeadParams(params=params)
+def shard_rows(*, params: tuple = (), lend: tuple = ()) -> ParallelStyle:
+    """Own parameters with a row per head or channel (GPT-OSS sinks, Mamba's A_log): sharded on dim 0."""
+    return ShardRows(params=params, lend=lend)
 
 
 def head_input(*, kwarg: str, index: int | None = None, head_dim: int = 0, heads: Heads | None = None) -> ParallelStyle:
@@ -340,6 +363,7 @@ STYLES: dict[str, StyleDef] = {
     for s in (
         StyleDef("colwise", colwise, (*LAYOUT_TYPES, nn.Embedding)),
         StyleDef("rowwise", rowwise, LAYOUT_TYPES),
+        StyleDef("rowwise_into_sharded", rowwise_into_sharded, (nn.Linear,)),
         StyleDef("keep", keep, ()),
         StyleDef("replicate", replicate, ()),
         StyleDef("experts", experts, ()),
@@ -350,7 +374,7 @@ STYLES: dict[str, StyleDef] = {
         StyleDef("head_norm", head_norm, ()),
         StyleDef("head_input", head_input, ()),
         StyleDef("sum_grads", sum_grads, ()),
-        StyleDef("head_params", head_params, ()),
+        StyleDef("shard_rows", shard_rows, ()),
         StyleDef("gathered_norm", gathered_norm, ()),
         StyleDef("block_input", block_input, ()),
     )

@@ -1,8 +1,10 @@
-"""gathered_norm and head_params, each against the unsharded modules, forward and backward.
+"""gathered_norm, shard_rows and rowwise_into_sharded, each against the unsharded modules,
+forward and backward.
 
-A column-parallel linear feeds a norm over all its output features (gathered_norm) or an op that
-reads one value per head (head_params), then a row-parallel linear; the same chain unsharded is
-the reference. float32, same seed; tolerances as everywhere: outputs 1e-5 absolute, gradients
+A column-parallel linear feeds a norm over all its output features (gathered_norm), an op that
+reads one value per head (shard_rows), or a row-parallel linear whose all-reduced output scales
+the sharded features again (rowwise_into_sharded, as Mamba's x_proj); then a row-parallel
+linear. The same chain unsharded is the reference. float32, same seed; tolerances as everywhere: outputs 1e-5 absolute, gradients
 1e-4 relative. CommDebugMode counts the gathered norm's collectives.
 """
 
@@ -16,7 +18,8 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from tp.gather import full_tensor
 from tp.gathered_norm import GatheredNorm
-from tp.head_params import ShardHeadParams
+from tp.shard_rows import ShardRows
+from tp.styles import RowwiseIntoSharded
 
 WIDTH, HEADS = 16, 4
 
@@ -42,6 +45,18 @@ class Sinks(nn.Module):
     def forward(self, x):
         h = self.up(x).unflatten(-1, (self.heads, -1)) + self.sinks[:, None]
         return self.down(h.flatten(-2))
+
+
+class Gate(nn.Module):
+    """``up``'s features scaled by a projection of themselves (Mamba's dt from x_proj)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.reduce, self.down = nn.Linear(8, WIDTH), nn.Linear(WIDTH, 1), nn.Linear(WIDTH, 8)
+
+    def forward(self, x):
+        h = self.up(x)
+        return self.down(h * torch.sigmoid(self.reduce(h)))
 
 
 def _compare(ref: nn.Module, model: nn.Module) -> dict:
@@ -83,7 +98,7 @@ def _sinks_on_rank() -> dict:
     ref, model = _twins(Sinks)
     model.heads = HEADS // mesh.size()  # the per-rank head count, which tp.apply sets from the trace
     parallelize_module(model, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
-    parallelize_module(model, mesh, ShardHeadParams(params=("sinks",)))
+    parallelize_module(model, mesh, ShardRows(params=("sinks",)))
     return _compare(ref, model)
 
 
@@ -102,6 +117,21 @@ def test_gathered_norm_matches_the_whole_norm(kind, pool2, pool4):
         assert results[0]["forward"] == {"all_gather_into_tensor": 1, "all_reduce": 1}, results[0]
 
 
-def test_head_params_hold_each_ranks_heads(pool2, pool4):
+def test_shard_rows_hold_each_ranks_heads(pool2, pool4):
     for pool in (pool2, pool4):
         _assert_matches(pool.run(_sinks_on_rank))
+
+
+def _gate_on_rank() -> dict:
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    ref, model = _twins(Gate)
+    parallelize_module(model, mesh, {"up": ColwiseParallel(), "reduce": RowwiseIntoSharded(),
+                                     "down": RowwiseParallel()})
+    return _compare(ref, model)
+
+
+def test_rowwise_into_sharded_sums_its_output_gradient(pool2, pool4):
+    for pool in (pool2, pool4):
+        results = pool.run(_gate_on_rank)
+        _assert_matches(results)
+        assert results[0]["forward"] == {"all_reduce": 2}, results[0]
