@@ -21,8 +21,9 @@ FAMILIES = sorted(name for name, f in tp.load_registry().families.items() if f.m
 
 # Yuan's localized filtering runs replicated inside attention; DTensor sums the partial gradient
 # at its output once more in the backward (registry.toml, family yuan). Mixtral's packed experts
-# sum the routing weights' gradient for the router (tp/experts.py).
-EXTRA_BACKWARD = {"yuan": 1, "mixtral": 1}
+# sum the routing weights' gradient for the router (tp/experts.py). Jamba's Mamba layers sum the
+# gradients of the norms on dt, B and C (3) and its MoE layers the routing weights'.
+EXTRA_BACKWARD = {"yuan": 1, "mixtral": 1, "jamba": 3}
 
 
 def _check(result, family=None):
