@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from .layout_styles import lend_local_params, take_back_params
+from .layout_styles import lend_during_forward, lend_local_params
 
 
 class _SumGradOverRanks(torch.autograd.Function):
@@ -54,15 +54,8 @@ class SumGrads(ParallelStyle):
             raise NotImplementedError(f"sum_grads: {type(module).__name__} has no parameter {', '.join(missing)}; "
                                       f"its own parameters are {', '.join(own) or 'none'}")
         group = device_mesh.get_group()
-
-        def lend(mod, args):
-            lend_local_params(mod, names, lambda name, p: _SumGradOverRanks.apply(p, group))
-
-        def take_back(mod, args, output):
-            take_back_params(mod)
-
-        module.register_forward_pre_hook(lend)
-        module.register_forward_hook(take_back, always_call=True)
+        lend_during_forward(module, lambda: lend_local_params(
+            module, names, lambda name, p: _SumGradOverRanks.apply(p, group)))
         return module
 
     def __repr__(self) -> str:

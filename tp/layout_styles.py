@@ -19,6 +19,7 @@ pytorch#133221), and run the module on local shards:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -183,6 +184,19 @@ def take_back_params(module: nn.Module) -> dict[str, nn.Parameter] | None:
     if lent is not None:
         module._parameters.update(lent)
     return lent
+
+
+def lend_during_forward(module: nn.Module, lend: Callable[[], None], holders: Sequence[nn.Module] = ()) -> None:
+    """Call ``lend()`` (which lends parameters with ``lend_local_params``) before each forward of
+    ``module``, and give back the lent parameters of ``module`` and ``holders`` after it, even
+    when the forward raises."""
+
+    def take_back(mod, args, output):
+        for holder in (module, *holders):
+            take_back_params(holder)
+
+    module.register_forward_pre_hook(lambda mod, args: lend())
+    module.register_forward_hook(take_back, always_call=True)
 
 
 def local_of(param: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from .errors import SizeError
-from .layout_styles import lend_local_params, local_of, take_back_params
+from .layout_styles import lend_during_forward, lend_local_params, local_of
 
 
 class ShardRows(ParallelStyle):
@@ -53,19 +53,14 @@ class ShardRows(ParallelStyle):
                 raise SizeError(f"{type(module).__name__}.{name}: {param.shape[0]} rows do not divide by tp={tp}")
             placed = distribute_tensor(param.detach(), device_mesh, [Shard(0)], src_data_rank=None)
             module.register_parameter(name, nn.Parameter(placed, requires_grad=param.requires_grad))
-        holders = [module] + [module.get_submodule(c) for c in self.lend]
+        children = [module.get_submodule(c) for c in self.lend]
 
-        def lend(mod, args):
-            for holder in holders:
+        def lend():
+            for holder in (module, *children):
                 sharded = [n for n, p in holder.named_parameters(recurse=False) if isinstance(p, DTensor)]
                 lend_local_params(holder, sharded, lambda name, p: local_of(p))
 
-        def take_back(mod, args, output):
-            for holder in holders:
-                take_back_params(holder)
-
-        module.register_forward_pre_hook(lend)
-        module.register_forward_hook(take_back, always_call=True)
+        lend_during_forward(module, lend, children)
         return module
 
     def __repr__(self) -> str:
