@@ -16,7 +16,7 @@ COVERAGE = Path(__file__).resolve().parents[1] / "docs" / "coverage.md"
 
 @pytest.fixture(scope="module")
 def rows(pool2):
-    types = ("llama", "apertus", "diffllama", "mamba2")
+    types = ("llama", "apertus", "diffllama", "zaya")
     return {t: census_row(t, {2: pool2}, (2,)) for t in types}
 
 
@@ -41,8 +41,8 @@ def test_partial_plan_names_what_stays_whole(rows):
 
 
 def test_refusal_gives_the_reason(rows):
-    assert rows["mamba2"].results[2].startswith("refused: ")
-    assert "can be sharded safely" in rows["mamba2"].results[2]
+    assert rows["zaya"].results[2].startswith("refused: ")
+    assert "can be sharded safely" in rows["zaya"].results[2]
 
 
 def test_render_counts_outcomes(rows):
@@ -65,7 +65,7 @@ def test_committed_coverage_has_no_wrong_result():
 
 def test_refused_model_raises_plan_error_in_apply(pool2):
     with pytest.raises(tp.errors.PlanError, match="can be sharded safely"):
-        tp.verify(model_factory=_mamba2, tp=2, pool=pool2)
+        tp.verify(model_factory=_zaya, tp=2, pool=pool2)
 
 
 def test_token_ids_fit_the_logits_and_rwkv_checks_in_training_mode():
@@ -80,5 +80,5 @@ def test_token_ids_fit_the_logits_and_rwkv_checks_in_training_mode():
     assert tp.census._builds("cpmant") is None and tp.census._builds("rwkv") is None
 
 
-def _mamba2():
-    return tp.census.tiny_model("mamba2")
+def _zaya():
+    return tp.census.tiny_model("zaya")

@@ -66,5 +66,5 @@ def test_inferred_plan_says_where_transformers_plan_agrees():
 
 
 def test_model_with_nothing_to_shard_is_refused_with_the_reason():
-    with pytest.raises(tp.errors.PlanError, match="no part of its blocks can be sharded safely.*not query / key-value"):
-        tp.resolve(tiny_model("mamba2"), 2)  # in_proj packs z, x, B, C and dt
+    with pytest.raises(tp.errors.PlanError, match="no part of its blocks can be sharded safely.*which is not a linear"):
+        tp.resolve(tiny_model("zaya"), 2)  # a grouped convolution between qkv_proj and o_proj

@@ -90,3 +90,11 @@ def test_falcon_mamba_shares_the_mamba_family(pool2):
     result = tp.verify(model_factory=functools.partial(tiny_model, "falcon_mamba"), tp=2, pool=pool2)
     _check(result)
     assert result.family == "mamba" and (result.per_block_forward, result.per_block_backward) == (2, 2)
+
+
+def test_mamba2_with_fewer_groups_than_ranks_is_refused_before_sharding():
+    """Each rank's heads must read only its own groups' B and C: one group cannot be split."""
+    model = tp.models.build(tp.models.family_config("mamba2", n_groups=1), device="meta")
+    problems, working = tp.sizes.problems(model, tp.resolve(model, 2), 2)
+    assert any("B groups: 1 groups of 16 rows do not divide by tp=2" in p for p in problems), problems
+    assert working == [1]

@@ -75,8 +75,11 @@ class Report:
         return "\n".join(lines)
 
 
-def _shapes(module: nn.Module, style: StyleSpec | None, tp: int, heads: Heads | None) -> str:
-    by_layout = (layouts(style, module, heads) if style else None) or {}
+def _shapes(module: nn.Module, style: StyleSpec | None, tp: int, heads: Heads | None,
+            by_layout: dict | None = None) -> str:
+    """Each parameter's global and per-rank shape, from the module's style or, for a child that
+    its parent's style shards (a Mamba-2 mixer's in_proj), from the layouts given."""
+    by_layout = by_layout or (layouts(style, module, heads) if style else None) or {}
     dims = sharded_dims(style, module) if style else {}
     parts = []
     for name, param in module.named_parameters(recurse=False):
@@ -113,6 +116,8 @@ def _cost(path: str, style: StyleSpec, prepared: set[str], sp: bool, model, plan
         return 0, 1
     if style.name == "experts":  # the routing weights' gradient, and a plain input's
         return 1, 1 + int(plain_input)
+    if style.name == "mamba2_mixer":  # out_proj's all-reduce; in_proj's input gradient
+        return 1, 1
     if style.name == "gathered_norm":  # all-gather; reduce-scatter and an all-reduce per parameter
         return 1, 1 + len(list(model.get_submodule(path).parameters(recurse=False)))
     if style.name == "sum_grads":  # one all-reduce per parameter
@@ -165,14 +170,31 @@ def _tied_holders(model: nn.Module, plan: ResolvedPlan) -> dict[str, str]:
     return found
 
 
+def _sharded_by_parent(model: nn.Module, plan: ResolvedPlan) -> dict[str, tuple[str, dict]]:
+    """Child module -> (the styled parent that shards it, parameter -> (layout, dim))."""
+    found: dict[str, tuple[str, dict]] = {}
+    for path, decision in plan.decisions.items():
+        for name, laid in (layouts(decision.style, model.get_submodule(path), plan.heads_at(model, path)) or {}).items():
+            child, _, param = name.rpartition(".")
+            if child:
+                found.setdefault(f"{path}.{child}", (path, {}))[1][param] = laid
+    return found
+
+
 def build(model: nn.Module, plan: ResolvedPlan, tp: int, problems: list[str] = ()) -> Report:
     rows = []
     tied = _tied_holders(model, plan)
+    by_parent = _sharded_by_parent(model, plan)
     for path, module in model.named_modules():
         if not path:
             continue
         decision = plan.decisions.get(tied.get(path, path))
         has_params = any(True for _ in module.parameters(recurse=False))
+        if path in by_parent:
+            parent, laid = by_parent[path]
+            rows.append(Row(path, type(module).__name__, f"in {plan.decisions[parent].style}", f"sharded by {parent}",
+                            _shapes(module, None, tp, None, by_layout=laid)))
+            continue
         if decision is None:
             if not has_params:
                 continue

@@ -29,6 +29,10 @@ def layouts(style: StyleSpec, module: nn.Module, heads: Heads | None) -> dict[st
     """Parameter -> (layout, dim) for styles that shard by a layout, else None."""
     if style.name == "experts":
         return expert_layouts(module)
+    if style.name == "mamba2_mixer":
+        from .mamba2 import mixer_layouts
+
+        return mixer_layouts(module)
     if style.name not in ("colwise", "rowwise"):
         return None
     built = style.build(heads=heads, module=module)

@@ -329,6 +329,13 @@ def shard_rows(*, params: tuple = (), lend: tuple = ()) -> ParallelStyle:
     return ShardRows(params=params, lend=lend)
 
 
+def mamba2_mixer() -> ParallelStyle:
+    """A Mamba-2 mixer split by heads and groups: in_proj, conv1d and the scan per rank, out_proj row-parallel."""
+    from .mamba2 import Mamba2Mixer
+
+    return Mamba2Mixer()
+
+
 def head_input(*, kwarg: str, index: int | None = None, head_dim: int = 0, heads: Heads | None = None) -> ParallelStyle:
     """Slice a per-head tensor argument of an attention (ALiBi bias) to this rank's query heads."""
     return SliceHeadInput(kwarg=kwarg, index=index, head_dim=head_dim, heads=heads.q if heads else None)
@@ -376,6 +383,7 @@ STYLES: dict[str, StyleDef] = {
         StyleDef("sum_grads", sum_grads, ()),
         StyleDef("shard_rows", shard_rows, ()),
         StyleDef("gathered_norm", gathered_norm, ()),
+        StyleDef("mamba2_mixer", mamba2_mixer, ()),
         StyleDef("block_input", block_input, ()),
     )
 }
