@@ -92,9 +92,19 @@ def test_falcon_mamba_shares_the_mamba_family(pool2):
     assert result.family == "mamba" and (result.per_block_forward, result.per_block_backward) == (2, 2)
 
 
-def test_mamba2_with_fewer_groups_than_ranks_is_refused_before_sharding():
-    """Each rank's heads must read only its own groups' B and C: one group cannot be split."""
-    model = tp.models.build(tp.models.family_config("mamba2", n_groups=1), device="meta")
-    problems, working = tp.sizes.problems(model, tp.resolve(model, 2), 2)
-    assert any("B groups: 1 groups of 16 rows do not divide by tp=2" in p for p in problems), problems
-    assert working == [1]
+@pytest.mark.parametrize("size", [2, 4])
+def test_mamba2_with_one_group_for_all_heads(size, pool2, pool4):
+    """Most Mamba-2 checkpoints have one group: every rank holds its B and C (gradients summed)
+    and the gated norm, whose group spans the ranks, runs on gathered channels."""
+    result = tp.verify("mamba2", tp=size, pool={2: pool2, 4: pool4}[size], config_overrides={"n_groups": 1})
+    assert result.ok, result.table()
+    # forward: out_proj's all-reduce, the norm's input and gate all-gathered; backward: in_proj's
+    # input, the two reduce-scatters, the norm's weight, in_proj's and conv1d's replicated rows
+    assert (result.per_block_forward, result.per_block_backward) == (3, 7), result.table()
+
+
+def test_mamba2_heads_that_do_not_divide_are_refused_before_sharding():
+    model = tp.models.build(tp.models.family_config("mamba2"), device="meta")
+    problems, working = tp.sizes.problems(model, tp.resolve(model, 3), 3)
+    assert any("x heads: 16 heads of 8 rows do not divide by tp=3" in p for p in problems), problems
+    assert working == [1, 2, 4, 8, 16]

@@ -26,9 +26,10 @@ class GatheredNorm(ParallelStyle):
     rank's equal slice of its output.
 
     The input must be sharded evenly and in rank order along its last dimension (the output of
-    a plain column-parallel linear, or the input of a plain row-parallel one). One all-gather in
-    the forward; a reduce-scatter of the input gradient and an all-reduce per parameter in the
-    backward.
+    a plain column-parallel linear, or the input of a plain row-parallel one); so must every other
+    positional tensor argument of the same width (a gated norm's gate), which is gathered too. One
+    all-gather per gathered tensor in the forward; a reduce-scatter of each one's gradient and an
+    all-reduce per parameter in the backward.
 
     Example::
         >>> parallelize_module(model, mesh, {"layers.0.self_attn.q_norm": GatheredNorm()})
@@ -38,14 +39,16 @@ class GatheredNorm(ParallelStyle):
         names = [n for n, _ in module.named_parameters(recurse=False)]
         group, tp, rank = device_mesh.get_group(), device_mesh.size(), device_mesh.get_local_rank()
 
-        def gather(mod, args):
-            x = args[0]
-            last = x.dim() - 1
-            whole = DTensor.from_local(x, device_mesh, [Shard(last)], run_check=False)
+        def gather_one(x):
+            whole = DTensor.from_local(x, device_mesh, [Shard(x.dim() - 1)], run_check=False)
             # each rank's gradient of the whole tensor covers only its own output features: partial
-            whole = whole.redistribute(device_mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+            return whole.redistribute(device_mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+
+        def gather(mod, args):
+            width = args[0].shape[-1]
             lend_local_params(mod, names, lambda name, p: _SumGradOverRanks.apply(p, group))
-            return (whole, *args[1:])
+            # a gated norm's gate (Mamba-2's) is sharded like its input
+            return tuple(gather_one(a) if isinstance(a, torch.Tensor) and a.shape[-1] == width else a for a in args)
 
         def keep_own(mod, args, output):
             take_back_params(mod)

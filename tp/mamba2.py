@@ -18,7 +18,16 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from .errors import SizeError
-from .layout_styles import ColwiseLayout, lend_during_forward, lend_local_params, local_of, place_parameter
+from .gathered_norm import GatheredNorm
+from .layout_styles import (
+    ColwiseLayout,
+    LocalShard,
+    SumReplicatedGrad,
+    lend_during_forward,
+    lend_local_params,
+    local_of,
+    place_parameter,
+)
 from .layouts import Layout, Part
 
 # the mixer's attributes that hold sizes, and the parameters the mixer reads directly
@@ -36,11 +45,15 @@ def mixer_layouts(mixer: nn.Module) -> dict[str, tuple[Layout, int]]:
             f"{', '.join(SIZES)}), but {type(mixer).__name__} lacks {', '.join(missing) or 'some of those modules'}")
     heads, head_dim, groups, state = (getattr(mixer, a) for a in SIZES[:4])
     z, x = Part(heads, head_dim, name="z heads", unit="heads"), Part(heads, head_dim, name="x heads", unit="heads")
-    b, c = Part(groups, state, name="B groups", unit="groups"), Part(groups, state, name="C groups", unit="groups")
+    # fewer groups than ranks: each rank holds the group its heads read (as kv heads under GQA)
+    b = Part(groups, state, replicable=True, name="B groups", unit="groups")
+    c = Part(groups, state, replicable=True, name="C groups", unit="groups")
     per_head = Layout((Part(heads, 1, name="heads", unit="heads"),))
     found = {"in_proj.weight": (Layout((z, x, b, c, Part(heads, 1, name="dt heads", unit="heads"))), 0),
-             "conv1d.weight": (Layout((x, b, c)), 0),
-             "norm.weight": (Layout((Part(groups, heads * head_dim // groups, name="norm groups", unit="groups"),)), 0)}
+             "conv1d.weight": (Layout((x, b, c)), 0)}
+    if getattr(mixer.norm, "weight", None) is not None:
+        found["norm.weight"] = (Layout((Part(groups, heads * head_dim // groups, name="norm groups",
+                                             unit="groups", replicable=True),)), 0)
     if mixer.in_proj.bias is not None:
         found["in_proj.bias"] = (found["in_proj.weight"][0], 0)
     if mixer.conv1d.bias is not None:
@@ -48,6 +61,18 @@ def mixer_layouts(mixer: nn.Module) -> dict[str, tuple[Layout, int]]:
     found.update({name: (per_head, 0) for name in OWN})
     found["out_proj.weight"] = (Layout((x,)), 1)
     return found
+
+
+def mixer_collectives(mixer: nn.Module, tp: int) -> tuple[int, int]:
+    """(forward, backward) collectives of one sharded mixer: out_proj's all-reduce and in_proj's
+    input gradient; with fewer groups than ranks also the norm's two all-gathers (input and gate)
+    and their reduce-scatters, its weight's gradient, and the replicated B and C rows' gradients
+    of in_proj and conv1d (one all-reduce per parameter)."""
+    if mixer.n_groups % tp == 0:
+        return 1, 1
+    replicated = sum(p is not None for p in (mixer.in_proj.weight, mixer.in_proj.bias,
+                                             mixer.conv1d.weight, mixer.conv1d.bias))
+    return 3, 3 + len(list(mixer.norm.parameters())) + replicated
 
 
 class _ColwiseWith(ColwiseLayout):
@@ -64,8 +89,11 @@ class _ColwiseWith(ColwiseLayout):
 class Mamba2Mixer(ParallelStyle):
     """Shard a transformers Mamba-2 mixer by heads and groups (see the module docstring).
 
-    Needs ``num_heads`` and ``n_groups`` divisible by the tensor-parallel size: a rank's heads
-    must read only its own groups' B and C, and its norm groups must be whole.
+    ``num_heads`` must divide by the tensor-parallel size, and ``n_groups`` either divide by it or
+    divide it. With fewer groups than ranks (one group, as most Mamba-2 checkpoints), each rank
+    holds the B and C of the group its heads read, their gradients summed over the ranks that
+    share it, and the gated norm, whose groups then span ranks, runs on all-gathered channels
+    (``GatheredNorm``): one all-gather more in the forward.
 
     Example::
         >>> parallelize_module(model, mesh, {"backbone.layers.*.mixer": Mamba2Mixer()})
@@ -81,18 +109,30 @@ class Mamba2Mixer(ParallelStyle):
         if problems:
             raise SizeError(f"{type(module).__name__}: {'; '.join(dict.fromkeys(problems))}; use a tensor-parallel "
                             "size that divides the heads and the groups")
+        groups_whole = module.n_groups % tp == 0
         parallelize_module(module.in_proj, device_mesh, _ColwiseWith(layouts["in_proj.weight"][0]))
         parallelize_module(module.out_proj, device_mesh, _rowwise())
+        if not groups_whole:  # a norm group spans ranks: the norm runs on gathered channels
+            layouts.pop("norm.weight", None)
+            parallelize_module(module.norm, device_mesh, GatheredNorm())
         for path, (layout, dim) in layouts.items():
             owner, _, name = path.rpartition(".")
             if owner not in ("in_proj", "out_proj"):  # their styles place them
                 place_parameter(module.get_submodule(owner) if owner else module, name, layout, dim, device_mesh)
-        norm = module.norm
-        lend_during_forward(norm, lambda: lend_local_params(norm, ("weight",), lambda n, p: local_of(p)))
+        if groups_whole and "norm.weight" in layouts:
+            norm = module.norm
+            lend_during_forward(norm, lambda: lend_local_params(norm, ("weight",), lambda n, p: local_of(p)))
+        conv = {name: LocalShard(layouts[f"conv1d.{name}"][0], 0, device_mesh) for name in ("weight", "bias")
+                if f"conv1d.{name}" in layouts}
+
+        def conv_rows(name, param):  # B and C rows held by several ranks sum their gradients
+            local = local_of(param)
+            replicated = conv[name].layout.replicated_rows(tp, device_mesh.get_local_rank())
+            return SumReplicatedGrad.apply(local, conv[name]) if replicated and local.requires_grad else local
 
         def lend():  # the mixer reads conv1d's weight and its own per-head parameters directly
             lend_local_params(module, OWN, lambda n, p: local_of(p))
-            lend_local_params(module.conv1d, ("weight", "bias"), lambda n, p: local_of(p))
+            lend_local_params(module.conv1d, tuple(conv), conv_rows)
 
         lend_during_forward(module, lend, [module.conv1d])
         self._set_local_sizes(module, tp)
@@ -100,8 +140,9 @@ class Mamba2Mixer(ParallelStyle):
 
     @staticmethod
     def _set_local_sizes(module: nn.Module, tp: int) -> None:
-        for attr in ("num_heads", "n_groups", "intermediate_size"):
+        for attr in ("num_heads", "intermediate_size"):
             setattr(module, attr, getattr(module, attr) // tp)
+        module.n_groups = max(module.n_groups // tp, 1)
         channels = local_of(module.conv1d.weight).shape[0]
         module.conv_dim = module.conv1d.in_channels = module.conv1d.out_channels = module.conv1d.groups = channels
 

@@ -116,8 +116,10 @@ def _cost(path: str, style: StyleSpec, prepared: set[str], sp: bool, model, plan
         return 0, 1
     if style.name == "experts":  # the routing weights' gradient, and a plain input's
         return 1, 1 + int(plain_input)
-    if style.name == "mamba2_mixer":  # out_proj's all-reduce; in_proj's input gradient
-        return 1, 1
+    if style.name == "mamba2_mixer":
+        from .mamba2 import mixer_collectives
+
+        return mixer_collectives(model.get_submodule(path), tp)
     if style.name == "gathered_norm":  # all-gather; reduce-scatter and an all-reduce per parameter
         return 1, 1 + len(list(model.get_submodule(path).parameters(recurse=False)))
     if style.name == "sum_grads":  # one all-reduce per parameter
