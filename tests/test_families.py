@@ -23,10 +23,10 @@ FAMILIES = sorted(name for name, f in tp.load_registry().families.items() if f.m
 # at its output once more in the backward (registry.toml, family yuan). Mixtral's packed experts
 # sum the routing weights' gradient for the router (tp/experts.py). Jamba's Mamba layers sum the
 # gradients of the norms on dt, B and C (3) and its MoE layers the routing weights'.
-EXTRA_BACKWARD = {"yuan": 1, "mixtral": 1, "jamba": 3, "bamba": 3}
-# Bamba's Mamba-2 mixer has one group: its gated norm gathers its input and gate (tp/mamba2.py),
-# and sums the replicated B/C rows' and the norm's gradients in the backward.
-EXTRA_FORWARD = {"bamba": 1}
+EXTRA_BACKWARD = {"yuan": 1, "mixtral": 1, "jamba": 3, "bamba": 3, "zamba2": 5}
+# Bamba's and Zamba2's Mamba-2 mixers have one group: the gated norm gathers its input and gate
+# (tp/mamba2.py), and the backward sums the replicated B/C rows' and the norm's gradients.
+EXTRA_FORWARD = {"bamba": 1, "zamba2": 1}
 
 
 def _check(result, family=None):
