@@ -66,6 +66,27 @@ def test_attention_sinks_sharded_with_the_heads(size, pool2, pool4):
     assert _style(result, "model.layers.0.self_attn.o_proj") == "rowwise" and not _whole(result)
 
 
+def test_per_head_gate_counts_as_whole_heads(pool2):
+    """LFM3's g_proj gives one gate per head (8 outputs, as many as head_dim in the tiny model):
+    its shard holds whole heads, so the attention is sharded."""
+    result = _verify("lfm3", pool2)
+    assert _style(result, "model.layers.2.self_attn.g_proj") == "colwise"
+    assert _style(result, "model.layers.2.self_attn.o_proj") == "rowwise"
+
+
+def test_embedding_scaled_in_place(pool2):
+    """CTRL multiplies the embedding's output in place: the vocab-parallel output owns its memory."""
+    result = _verify("ctrl", pool2)
+    assert _style(result, "transformer.w") == "embedding" and not _whole(result)
+
+
+def test_embedding_with_its_own_norm_stays_whole():
+    """Inkling's embedding normalises its output with a weight of its own: it stays whole."""
+    resolved = tp.resolve(tiny_model("inkling2_text"), 2)
+    assert "model.embed_tokens" not in resolved.decisions
+    assert resolved.decisions["lm_head"].style.name == "lm_head"
+
+
 def test_split_after_an_elementwise_op(pool2):
     """DBRX clamps its fused qkv before splitting it: the split still gives q/kv parts."""
     result = _verify("dbrx", pool2)

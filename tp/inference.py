@@ -175,6 +175,8 @@ def _styles(block: nn.Module, block_name: str, unit: Unit, heads: Heads | None) 
     # (kv heads fewer than the ranks are replicated, not split: the trial rejects the norm there)
     even = (StyleSpec("colwise"), StyleSpec("colwise", (("parts", ("kv",)),)))
     widths |= {_out_features(block.get_submodule(c)) for c in unit.columns if styles[c] in even}
+    if heads:  # a norm over one head's features (Qwen3's q_norm) is shared by the heads: sum_grads
+        widths.discard(heads.dim)
     for owner, names in owners.items():
         module = block.get_submodule(owner)
         own = [n for n, _ in module.named_parameters(recurse=False)]
