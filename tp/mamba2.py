@@ -29,6 +29,7 @@ from .layout_styles import (
     place_parameter,
 )
 from .layouts import Layout, Part
+from .shard_rows import ShardRows
 
 # the mixer's attributes that hold sizes, and the parameters the mixer reads directly
 SIZES = ("num_heads", "head_dim", "n_groups", "ssm_state_size", "intermediate_size")
@@ -109,32 +110,26 @@ class Mamba2Mixer(ParallelStyle):
         if problems:
             raise SizeError(f"{type(module).__name__}: {'; '.join(dict.fromkeys(problems))}; use a tensor-parallel "
                             "size that divides the heads and the groups")
-        groups_whole = module.n_groups % tp == 0
         parallelize_module(module.in_proj, device_mesh, _ColwiseWith(layouts["in_proj.weight"][0]))
         parallelize_module(module.out_proj, device_mesh, _rowwise())
-        if not groups_whole:  # a norm group spans ranks: the norm runs on gathered channels
-            layouts.pop("norm.weight", None)
-            parallelize_module(module.norm, device_mesh, GatheredNorm())
-        for path, (layout, dim) in layouts.items():
-            owner, _, name = path.rpartition(".")
-            if owner not in ("in_proj", "out_proj"):  # their styles place them
-                place_parameter(module.get_submodule(owner) if owner else module, name, layout, dim, device_mesh)
-        if groups_whole and "norm.weight" in layouts:
-            norm = module.norm
-            lend_during_forward(norm, lambda: lend_local_params(norm, ("weight",), lambda n, p: local_of(p)))
+        # per-head parameters, and the norm's groups when each rank holds whole ones: equal row blocks
+        parallelize_module(module, device_mesh, ShardRows(params=OWN))
+        if "norm.weight" in layouts:
+            # with fewer groups than ranks a norm group spans ranks: the norm runs on gathered channels
+            norm_style = ShardRows() if module.n_groups % tp == 0 else GatheredNorm()
+            parallelize_module(module.norm, device_mesh, norm_style)
         conv = {name: LocalShard(layouts[f"conv1d.{name}"][0], 0, device_mesh) for name in ("weight", "bias")
                 if f"conv1d.{name}" in layouts}
+        for name, shard in conv.items():
+            place_parameter(module.conv1d, name, shard.layout, 0, device_mesh)
 
         def conv_rows(name, param):  # B and C rows held by several ranks sum their gradients
             local = local_of(param)
             replicated = conv[name].layout.replicated_rows(tp, device_mesh.get_local_rank())
             return SumReplicatedGrad.apply(local, conv[name]) if replicated and local.requires_grad else local
 
-        def lend():  # the mixer reads conv1d's weight and its own per-head parameters directly
-            lend_local_params(module, OWN, lambda n, p: local_of(p))
-            lend_local_params(module.conv1d, tuple(conv), conv_rows)
-
-        lend_during_forward(module, lend, [module.conv1d])
+        # the mixer reads conv1d's weight directly, without calling conv1d
+        lend_during_forward(module, lambda: lend_local_params(module.conv1d, tuple(conv), conv_rows), [module.conv1d])
         self._set_local_sizes(module, tp)
         return module
 
