@@ -498,7 +498,10 @@ class YuanForCausalLM(YuanPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """See ``YuanModel.forward``. ``labels`` [B, S] are the input ids (positions to skip:
-        -100); the loss predicts token t + 1 from position t, averaged over counted tokens."""
+        -100); the loss predicts token t + 1 from position t, averaged over counted tokens.
+        transformers 5.24's ``generate`` passes the returned tuples back as ``cache``."""
+        if past_key_values is None:
+            past_key_values = kwargs.get("cache")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
