@@ -62,7 +62,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tp.launch import WorkerPool
+from tp.testing.launch import WorkerPool
 
 WORLD = 2
 SEED = 0

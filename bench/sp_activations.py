@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tp.launch import WorkerPool
+from tp.testing.launch import WorkerPool
 
 WORLD = 2
 CONFIG = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
@@ -109,7 +109,7 @@ def _forward(model, ids: torch.Tensor, grad: bool):
     """Logits (gathered if sharded) and the bytes this rank holds of every block's output."""
     from torch.distributed.tensor import DTensor
 
-    from tp.gather import full_tensor
+    from tp.sharding.gather import full_tensor
 
     sizes: list[int] = []
 
@@ -130,7 +130,7 @@ def measure_rank(path: str, variant: str, grad: bool) -> dict:
     """One variant on this rank: activation bytes, logits max diff, forward collectives."""
     from transformers.utils import logging as hf_logging
 
-    from tp.comm import CollectiveCounter
+    from tp.testing.counter import CollectiveCounter
 
     hf_logging.disable_progress_bar()
 

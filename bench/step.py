@@ -49,8 +49,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tp.comm import CollectiveCounter, _short
-from tp.launch import WorkerPool
+from tp.testing.counter import CollectiveCounter, _short
+from tp.testing.launch import WorkerPool
 
 WORLD = 2
 CONFIG = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,

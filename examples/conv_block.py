@@ -22,9 +22,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 import tp
-from tp.comm import CollectiveCounter
-from tp.conv_example import ConvNet
-from tp.launch import WorkerPool
+from tp.testing.counter import CollectiveCounter
+from tp.models.conv_block import ConvNet
+from tp.testing.launch import WorkerPool
 
 
 def compare(seed: int = 0) -> list[str]:

@@ -35,8 +35,8 @@ try:
 except ImportError:  # a checkout that is not installed: use the repository's own package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import tp
-from tp.launch import WorkerPool
-from tp.models import tiny_model
+from tp.testing.launch import WorkerPool
+from tp.testing.models import tiny_model
 
 BATCH, SEQ = 2, 8  # per dp rank
 # The logits that tp gathers are a view; nothing here changes them in place, which is what FSDP warns of.

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 import tp
-from tp.models import build, family_config
+from tp.testing.models import build, family_config
 
 
 def main() -> None:

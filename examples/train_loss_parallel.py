@@ -15,8 +15,8 @@ import os
 
 import torch.distributed as dist
 
-from tp.launch import WorkerPool
-from tp.training import TrainingSpec, compare_training
+from tp.testing.launch import WorkerPool
+from tp.testing.training import TrainingSpec, compare_training
 
 SPEC = TrainingSpec("llama", steps=10, apply_kwargs=(("loss_parallel", True), ("sequence_parallel", True)))
 

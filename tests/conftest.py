@@ -2,8 +2,8 @@
 
 import pytest
 
-import tp.models
-from tp.launch import WorkerPool
+import tp.testing.models
+from tp.testing.launch import WorkerPool
 
 
 @pytest.fixture(scope="session")
@@ -28,4 +28,4 @@ def _clean_env(monkeypatch):
 @pytest.fixture(scope="module")
 def llama_meta():
     """A full-size default llama on the meta device: plans and sizes, no memory."""
-    return tp.models.build(tp.models.family_config("llama"), device="meta")
+    return tp.testing.models.build(tp.testing.models.family_config("llama"), device="meta")

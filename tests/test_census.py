@@ -8,8 +8,8 @@ import torch
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import tp
-import tp.census
-from tp.census import census_row, render
+import tp.testing.census
+from tp.testing.census import census_row, render
 
 COVERAGE = Path(__file__).resolve().parents[1] / "docs" / "coverage.md"
 
@@ -71,14 +71,14 @@ def test_refused_model_raises_plan_error_in_apply(pool2):
 def test_token_ids_fit_the_logits_and_rwkv_checks_in_training_mode():
     """CPM-Ant's embedding also holds prompt tokens its logits lack; RWKV's eval forward updates
     its state in place, which backward cannot go through."""
-    from tp.models import for_checking, token_ids
+    from tp.checks.compare import for_checking, token_ids
 
-    cpmant = tp.census.tiny_model("cpmant")
+    cpmant = tp.testing.census.tiny_model("cpmant")
     ids = token_ids(cpmant, (4, 64), torch.Generator().manual_seed(0))
     assert int(ids.max()) < cpmant.get_output_embeddings().out_features < cpmant.get_input_embeddings().num_embeddings
-    assert for_checking(tp.census.tiny_model("rwkv")).training and not for_checking(cpmant).training
-    assert tp.census._builds("cpmant") is None and tp.census._builds("rwkv") is None
+    assert for_checking(tp.testing.census.tiny_model("rwkv")).training and not for_checking(cpmant).training
+    assert tp.testing.census._builds("cpmant") is None and tp.testing.census._builds("rwkv") is None
 
 
 def _zaya():
-    return tp.census.tiny_model("zaya")
+    return tp.testing.census.tiny_model("zaya")

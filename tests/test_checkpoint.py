@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tp
-import tp.models
+import tp.testing.models
 
 CASES = {
     "llama": ("llama", {}),
@@ -28,7 +28,7 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
     for name, (family, overrides) in CASES.items():
         # small shards: an indexed multi-file checkpoint
-        tp.models.tiny_model(family, **overrides).save_pretrained(root / name, max_shard_size="100KB")
+        tp.testing.models.tiny_model(family, **overrides).save_pretrained(root / name, max_shard_size="100KB")
     return root
 
 
@@ -68,10 +68,10 @@ def _load_error(directory: str) -> tuple[str, str, bool]:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from tp.checkpoint import parameters_on_meta
+    from tp.checkpoint.safetensors import parameters_on_meta
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    config = tp.models.family_config("llama")
+    config = tp.testing.models.family_config("llama")
     from transformers import AutoModelForCausalLM
 
     with parameters_on_meta():
@@ -133,11 +133,11 @@ def test_bad_checkpoint_is_one_clear_error(how, words, checkpoints, tmp_path, po
 
 def test_no_checkpoint_in_the_directory(tmp_path):
     with pytest.raises(tp.CheckpointError, match="no model.safetensors"):
-        tp.checkpoint.checkpoint_files(tmp_path)
+        tp.checkpoint.safetensors.checkpoint_files(tmp_path)
 
 
 def test_progress_line_on_rank_zero_only_when_asked_or_on_a_terminal(capsys):
-    from tp.checkpoint import _progress
+    from tp.checkpoint.safetensors import _progress
 
     update = _progress(True)
     update(1, 2, "a.weight")

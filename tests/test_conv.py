@@ -1,4 +1,5 @@
-"""ConvColwise / ConvRowwise: exact against the unsharded convolutions, forward and backward."""
+"""ColwiseLayout / RowwiseLayout (the colwise and rowwise styles) on convolutions: exact against the
+unsharded convolutions, forward and backward."""
 
 import copy
 
@@ -12,9 +13,9 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import parallelize_module
 
 import tp
-from tp.comm import CollectiveCounter
-from tp.conv import ChannelSizeError, ConvColwise, ConvRowwise
-from tp.conv_example import ConvNet
+from tp.testing.counter import CollectiveCounter
+from tp.styles.layout import ColwiseLayout, RowwiseLayout
+from tp.models.conv_block import ConvNet
 from tp.errors import SizeError
 
 SEED = 1234
@@ -81,7 +82,7 @@ def _pair_on_rank(seed: int, dims: int, bias: bool, padding_mode: str = "zeros",
     mesh = _mesh()
     torch.manual_seed(seed)
     ref = ConvPair(dims, bias, padding_mode)
-    plan = {"conv1": ConvColwise(use_local_output=local_output), "conv2": ConvRowwise(use_local_output=local_output)}
+    plan = {"conv1": ColwiseLayout(use_local_output=local_output), "conv2": RowwiseLayout(use_local_output=local_output)}
     model = parallelize_module(copy.deepcopy(ref), mesh, plan)
     shape = (2, 3) + (11,) * dims if batched else (3,) + (11,) * dims
     return _compare(ref, model, torch.randn(shape), seed)
@@ -146,25 +147,23 @@ def _error_on_rank(case: str):
     mesh = _mesh()
     try:
         if case == "groups":
-            parallelize_module(nn.Conv2d(4, 8, 3, groups=2), mesh, ConvColwise())
+            parallelize_module(nn.Conv2d(4, 8, 3, groups=2), mesh, ColwiseLayout())
         elif case == "depthwise":
-            parallelize_module(nn.Conv1d(8, 8, 3, groups=8), mesh, ConvRowwise())
-        elif case == "linear":
-            parallelize_module(nn.Linear(8, 8), mesh, ConvRowwise())
+            parallelize_module(nn.Conv1d(8, 8, 3, groups=8), mesh, RowwiseLayout())
         elif case == "transposed":
-            parallelize_module(nn.ConvTranspose2d(8, 8, 3), mesh, ConvColwise())
+            parallelize_module(nn.ConvTranspose2d(8, 8, 3), mesh, ColwiseLayout())
         elif case == "out_channels":
-            parallelize_module(nn.Conv2d(4, 6, 3), mesh, ConvColwise())
+            parallelize_module(nn.Conv2d(4, 6, 3), mesh, ColwiseLayout())
         elif case == "in_channels":
-            parallelize_module(nn.Conv2d(6, 4, 3), mesh, ConvRowwise())
+            parallelize_module(nn.Conv2d(6, 4, 3), mesh, RowwiseLayout())
         elif case == "full_input":
-            conv = parallelize_module(nn.Conv2d(8, 4, 3), mesh, ConvRowwise())
+            conv = parallelize_module(nn.Conv2d(8, 4, 3), mesh, RowwiseLayout())
             try:
                 conv(torch.randn(1, 8, 5, 5))
             except ValueError as e:
                 return type(e).__name__, str(e), False, isinstance(conv.weight, DTensor)
         elif case == "forward_raises":
-            conv = parallelize_module(nn.Conv2d(8, 4, 3), mesh, ConvColwise())
+            conv = parallelize_module(nn.Conv2d(8, 4, 3), mesh, ColwiseLayout())
             try:
                 conv(torch.randn(1, 5, 5, 5))  # 5 channels: conv2d itself raises
             except RuntimeError as e:
@@ -177,9 +176,8 @@ def _error_on_rank(case: str):
 @pytest.mark.parametrize(
     "case, error, words",
     [
-        ("groups", "NotImplementedError", ["ConvColwise", "groups=2"]),
-        ("depthwise", "NotImplementedError", ["ConvRowwise", "groups=8"]),
-        ("linear", "NotImplementedError", ["nn.Conv1d and nn.Conv2d", "Linear"]),
+        ("groups", "NotImplementedError", ["ColwiseLayout", "groups=2"]),
+        ("depthwise", "NotImplementedError", ["RowwiseLayout", "groups=8"]),
         ("transposed", "NotImplementedError", ["ConvTranspose2d"]),
     ],
 )
@@ -189,9 +187,9 @@ def test_unsupported_modules_are_refused(pool2, case, error, words):
 
 
 @pytest.mark.parametrize("case, words", [("out_channels", ["6 output channels"]), ("in_channels", ["6 input channels"])])
-def test_channels_that_do_not_divide_raise_value_error(pool4, case, words):
-    for name, message, is_value_error, _ in pool4.run(_error_on_rank, case):
-        assert name == ChannelSizeError.__name__ and is_value_error, message
+def test_channels_that_do_not_divide_raise_a_size_error(pool4, case, words):
+    for name, message, _, _ in pool4.run(_error_on_rank, case):
+        assert name == SizeError.__name__, message
         assert all(w in message for w in words) and "tensor-parallel size 4" in message, message
 
 
@@ -207,5 +205,5 @@ def test_parameters_come_back_when_forward_raises(pool2):
 
 
 def test_styles_repr():
-    assert repr(ConvColwise()) == "ConvColwise(use_local_output=True)"
-    assert repr(ConvRowwise(use_local_output=False)) == "ConvRowwise(use_local_output=False)"
+    assert repr(ColwiseLayout()) == "ColwiseLayout(parts=1, unit='row')"
+    assert repr(RowwiseLayout(parts=2, unit="head")) == "RowwiseLayout(parts=2, unit='head')"

@@ -3,6 +3,7 @@
 import pytest
 
 import tp
+import tp.testing.launch
 from tests.toy import make_toy
 
 TOY_REGISTRY = """
@@ -39,6 +40,6 @@ def test_without_divide_the_stored_head_count_breaks_loudly(tmp_path, pool2):
     """Leaving out `divide` must fail with a shape error, never give a wrong result."""
     path = tmp_path / "toy.toml"
     path.write_text(TOY_REGISTRY.replace('divide = ["attn.num_heads"]\n', ""))
-    with pytest.raises(tp.launch.WorkerError) as err:
+    with pytest.raises(tp.testing.launch.WorkerError) as err:
         tp.verify(model_factory=make_toy, tp=2, pool=pool2, registry=str(path))
     assert err.value.remote_type == "RuntimeError" and "shape" in err.value.remote_message

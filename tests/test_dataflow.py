@@ -4,10 +4,10 @@ on tiny transformers models in one process: which linears pair up, what stays wh
 import pytest
 
 import tp
-from tp.census import tiny_model
-from tp.dataflow import plan_block, trace_blocks
-from tp.plan import find_blocks
-from tp.trial import _inputs
+from tp.testing.census import tiny_model
+from tp.infer.dataflow import plan_block, trace_blocks
+from tp.plan.structure import find_blocks
+from tp.trial import _inputs  # the trial's own input
 
 
 def block_plan(model_type, keep=frozenset()):

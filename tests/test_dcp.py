@@ -4,9 +4,8 @@ import pytest
 import torch
 
 import tp
-import tp.dcp
-import tp.models
-from tp.launch import WorkerPool
+import tp.testing.models
+from tp.testing.launch import WorkerPool
 
 CASES = {
     "llama": ("llama", {}),
@@ -21,7 +20,7 @@ def _save(family: str, overrides: dict, path: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    model = tp.models.tiny_model(family, **overrides)
+    model = tp.testing.models.tiny_model(family, **overrides)
     tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)))
     tp.dcp.save(model, path)
 
@@ -31,8 +30,8 @@ def _load(family: str, overrides: dict, path: str) -> list[str]:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    original = tp.models.tiny_model(family, **overrides).state_dict()
-    model = tp.models.tiny_model(family, seed=123, **overrides)  # other weights, overwritten by the load
+    original = tp.testing.models.tiny_model(family, **overrides).state_dict()
+    model = tp.testing.models.tiny_model(family, seed=123, **overrides)  # other weights, overwritten by the load
     tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)))
     tp.dcp.load(model, path)
     full = tp.full_state_dict(model)

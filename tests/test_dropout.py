@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
 
 import tp
-import tp.models
+import tp.testing.models
 import tp.random
 
 P = 0.1
@@ -77,7 +77,7 @@ def _blocks(model):
 def _forward_on_rank(family, overrides, per_rank_seed, sequence_parallel=False, seq=16):
     """One train-mode and one eval-mode forward: every block's output (whole), the masks, the loss."""
     mesh, rank = _mesh(), dist.get_rank()
-    model = tp.models.tiny_model(family, **dict(overrides))
+    model = tp.testing.models.tiny_model(family, **dict(overrides))
     tp.apply(model, mesh, sequence_parallel=sequence_parallel)
     outputs = {}
 
@@ -103,7 +103,7 @@ def _forward_on_rank(family, overrides, per_rank_seed, sequence_parallel=False, 
 def _train_on_rank(family, overrides, per_rank_seed, sequence_parallel=False, steps=3):
     mesh, rank = _mesh(), dist.get_rank()
     tp.random.seed(SEED, mesh)
-    model = tp.models.tiny_model(family, **dict(overrides))
+    model = tp.testing.models.tiny_model(family, **dict(overrides))
     tp.apply(model, mesh, sequence_parallel=sequence_parallel)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
     batches = torch.Generator().manual_seed(1)  # the same batches on every rank, whatever the seed

@@ -67,9 +67,9 @@ def _layer_counts(family: str) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from tp.comm import CollectiveCounter
-    from tp.models import tiny_model
-    from tp.verification import model_inputs
+    from tp.testing.counter import CollectiveCounter
+    from tp.testing.models import tiny_model
+    from tp.testing.verify import model_inputs
 
     model = tiny_model(family)
     tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - \
@@ -112,7 +112,7 @@ def test_forward_collectives_per_layer(family, size, pool2, pool4):
 
 
 def _meta(family: str, **kwargs):
-    return tp.models.build(tp.models.family_config(family), device="meta", **kwargs)
+    return tp.testing.models.build(tp.testing.models.family_config(family), device="meta", **kwargs)
 
 
 def test_recognised_by_their_encoder_decoder_classes():

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import tp
-import tp.models
-import tp.sizes
+import tp.testing.models
+import tp.checks.sizes
 from tp.styles import STYLES, StyleSpec
 
 
@@ -49,7 +49,7 @@ GQA_12_3 = dict(GQA_12_4, num_key_value_heads=3)
 def _rank_apply_indivisible_heads() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
-    model = tp.models.tiny_model("llama", **GQA_12_3)
+    model = tp.testing.models.tiny_model("llama", **GQA_12_3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
     out = _outcome(lambda: tp.apply(model, mesh))
@@ -61,7 +61,7 @@ def _rank_apply_indivisible_heads() -> dict:
 def _rank_apply_twice() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
-    model = tp.models.tiny_model("llama")
+    model = tp.testing.models.tiny_model("llama")
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
     first = _outcome(lambda: tp.apply(model, mesh).family)
     shapes = _local_shapes(model)
@@ -75,7 +75,7 @@ def _rank_apply_twice() -> dict:
 def _rank_apply_2d_mesh() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
-    model = tp.models.tiny_model("llama")
+    model = tp.testing.models.tiny_model("llama")
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     out = _outcome(lambda: tp.apply(model, mesh))
     out["sharded_after_error"] = _has_dtensor(model)
@@ -91,10 +91,10 @@ def _rank_apply_2d_mesh() -> dict:
 
 def test_indivisible_heads_resolve_and_check():
     # 12 query heads in 4 GQA groups of 3: tp=3 would cut groups apart, so it is refused.
-    model = tp.models.tiny_model("llama", **GQA_12_4)
+    model = tp.testing.models.tiny_model("llama", **GQA_12_4)
     resolved = tp.resolve(model, 3)
     with pytest.raises(tp.SizeError) as info:
-        tp.sizes.check(model, resolved, 3)
+        tp.checks.sizes.check(model, resolved, 3)
     message = str(info.value)
     assert "tp=3" in message
     assert "model.layers.*.self_attn.k_proj" in message and "model.layers.*.self_attn.v_proj" in message
@@ -106,20 +106,20 @@ def test_indivisible_heads_resolve_and_check():
     # q_proj (12 heads) divides by 3 and is not blamed.
     assert "q_proj" not in message
     # tp=2 is fine.
-    tp.sizes.check(model, resolved, 2)
+    tp.checks.sizes.check(model, resolved, 2)
 
 
 def test_indivisible_hidden_size():
-    model = tp.models.build(tp.models.family_config("llama"), device="meta")
+    model = tp.testing.models.build(tp.testing.models.family_config("llama"), device="meta")
     resolved = tp.resolve(model, 3)
-    lines, sizes = tp.sizes.problems(model, resolved, 3)
+    lines, sizes = tp.checks.sizes.problems(model, resolved, 3)
     assert lines and all("tp=3" in line for line in lines)
     assert any("q_proj" in line for line in lines)
     # A vocabulary that does not divide is sharded unevenly (exact), so it is not a problem.
     assert not any("embed_tokens" in line or "lm_head" in line for line in lines)
     assert 3 not in sizes and {1, 2, 4} <= set(sizes)
     with pytest.raises(tp.SizeError, match="TP sizes that divide"):
-        tp.sizes.check(model, resolved, 3)
+        tp.checks.sizes.check(model, resolved, 3)
 
 
 def test_indivisible_heads_apply_on_4_ranks(pool4):
@@ -210,7 +210,7 @@ def test_unknown_family_resolve(llama_meta):
 
 def test_unknown_family_tiny_model():
     with pytest.raises(tp.PlanError, match="no family 'not_a_family'.*Known families:.*llama"):
-        tp.models.tiny_model("not_a_family")
+        tp.testing.models.tiny_model("not_a_family")
 
 
 def test_unknown_family_from_user_registry_is_known(tmp_path, llama_meta):
@@ -234,7 +234,7 @@ def test_unrecognised_model_without_blocks():
 
 
 def test_mesh_that_is_not_a_mesh():
-    model = tp.models.tiny_model("llama")
+    model = tp.testing.models.tiny_model("llama")
     with pytest.raises(tp.MeshError, match="needs a torch DeviceMesh, got int"):
         tp.apply(model, 2)
     assert not _has_dtensor(model)

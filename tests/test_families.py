@@ -88,7 +88,7 @@ def test_unregistered_decoder_gets_an_inferred_plan(model_type, pool2):
 
 def test_falcon_mamba_shares_the_mamba_family(pool2):
     """Falcon-Mamba's mixer adds weightless norms on dt, B and C, which run on the whole values."""
-    from tp.census import tiny_model
+    from tp.testing.census import tiny_model
 
     result = tp.verify(model_factory=functools.partial(tiny_model, "falcon_mamba"), tp=2, pool=pool2)
     _check(result)
@@ -107,7 +107,7 @@ def test_mamba2_with_one_group_for_all_heads(size, pool2, pool4):
 
 
 def test_mamba2_heads_that_do_not_divide_are_refused_before_sharding():
-    model = tp.models.build(tp.models.family_config("mamba2"), device="meta")
-    problems, working = tp.sizes.problems(model, tp.resolve(model, 3), 3)
+    model = tp.testing.models.build(tp.testing.models.family_config("mamba2"), device="meta")
+    problems, working = tp.checks.sizes.problems(model, tp.resolve(model, 3), 3)
     assert any("x heads: 16 heads of 8 rows do not divide by tp=3" in p for p in problems), problems
     assert working == [1, 2, 4, 8, 16]

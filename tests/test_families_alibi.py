@@ -13,8 +13,8 @@ from torch import nn
 
 import tp
 from tp.errors import PlanError
-from tp.head_inputs import SliceHeadInput
-from tp.heads import Heads
+from tp.styles.head_input import SliceHeadInput
+from tp.sharding.heads import Heads
 from tp.styles import StyleSpec
 
 
@@ -123,7 +123,7 @@ def _sharded_attention_rank(kind: str, positional: bool) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
 
-    from tp.layout_styles import ColwiseLayout
+    from tp.styles.layout import ColwiseLayout
 
     tp_size, rank = dist.get_world_size(), dist.get_rank()
     n_heads, batch, seq = 8, 3, 6

@@ -19,8 +19,8 @@ import re
 import pytest
 
 import tp
-import tp.sizes
-from tp.verification import VerifyResult
+import tp.checks.sizes
+from tp.testing.verify import VerifyResult
 
 FALCON_SIZES = {"hidden_size": 64, "num_attention_heads": 8, "num_hidden_layers": 2, "ffn_hidden_size": 128,
                 "vocab_size": 256, "max_position_embeddings": 128, "pad_token_id": 0, "bos_token_id": 1,
@@ -30,9 +30,9 @@ def falcon_model(**overrides):
     """A tiny Falcon (module level: every rank of a pool builds it)."""
     from transformers import FalconConfig
 
-    import tp.models
+    import tp.testing.models
 
-    return tp.models.build(FalconConfig(**{**FALCON_SIZES, **overrides}))
+    return tp.testing.models.build(FalconConfig(**{**FALCON_SIZES, **overrides}))
 
 
 def _verify_falcon(pool, tp_size: int, **overrides) -> VerifyResult:
@@ -149,5 +149,5 @@ def test_falcon_kv_groups_fewer_than_ranks_are_refused():
     model = falcon_model(new_decoder_architecture=True, num_kv_heads=2)
     plan = tp.resolve(model, 4)
     with pytest.raises(tp.SizeError, match=r"query_key_value.*2 kv groups.*tp=4") as error:
-        tp.sizes.check(model, plan, 4)
+        tp.checks.sizes.check(model, plan, 4)
     assert "TP sizes that divide every sharded size of this model: 1, 2" in str(error.value)

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import tp
-import tp.models
-import tp.report
-import tp.sizes
-from tp.heads import Heads
+import tp.testing.models
+import tp.checks.report
+import tp.checks.sizes
+from tp.sharding.heads import Heads
 from tp.styles import StyleSpec
 
 
@@ -59,11 +59,11 @@ def test_stablelm_two_kv_heads_replicated_at_tp4(pool4):
 
 def test_stablelm_qk_layernorm_is_refused():
     """The per-head LayerNorm list would pair each rank's heads with the first heads' norms."""
-    model = tp.models.build(tp.models.family_config("stablelm", qk_layernorm=True), device="meta")
+    model = tp.testing.models.build(tp.testing.models.family_config("stablelm", qk_layernorm=True), device="meta")
     with pytest.raises(tp.PlanError, match="qk_layernorm=True cannot be sharded"):
         tp.resolve(model, 2)
     # Without it the plan resolves.
-    plain = tp.models.build(tp.models.family_config("stablelm"), device="meta")
+    plain = tp.testing.models.build(tp.testing.models.family_config("stablelm"), device="meta")
     assert tp.resolve(plain, 2).family == "stablelm"
 
 
@@ -92,16 +92,16 @@ def test_codegen_layouts_follow_its_mp_num_4_split():
 
 def test_codegen_refuses_tp_beyond_a_quarter_of_the_heads():
     """Each mp block holds H/4 heads: 16 heads allow TP 1, 2, 4 and no more."""
-    model = tp.models.build(tp.models.family_config("codegen"), device="meta")
-    lines, working = tp.sizes.problems(model, tp.resolve(model, 8), 8)
+    model = tp.testing.models.build(tp.testing.models.family_config("codegen"), device="meta")
+    lines, working = tp.checks.sizes.problems(model, tp.resolve(model, 8), 8)
     assert working == [1, 2, 4]
     assert any("qkv_proj" in line and "do not divide by tp=8" in line for line in lines)
 
 
 @pytest.mark.parametrize("family", ["gptj", "codegen"])
 def test_lm_head_bias_is_sharded_with_the_vocab(family):
-    model = tp.models.build(tp.models.family_config(family), device="meta")
-    report = tp.report.build(model, tp.resolve(model, 2), 2)
+    model = tp.testing.models.build(tp.testing.models.family_config(family), device="meta")
+    report = tp.checks.report.build(model, tp.resolve(model, 2), 2)
     row = next(r for r in report.rows if r.module == "lm_head")
     assert row.style == "lm_head"
     assert "bias [256] -> [128]" in row.shapes

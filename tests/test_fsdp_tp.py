@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 import tp
-from tp.models import tiny_model
+from tp.testing.models import tiny_model
 
 DP, TP = 2, 2
 STEPS, BATCH, SEQ, LR = 3, 2, 8, 1e-3

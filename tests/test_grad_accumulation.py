@@ -6,14 +6,14 @@ import copy
 import torch
 
 import tp
-import tp.models
+import tp.testing.models
 
 
 def _accumulate() -> float:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    reference = tp.models.tiny_model("llama", num_key_value_heads=1)
+    reference = tp.testing.models.tiny_model("llama", num_key_value_heads=1)
     model = copy.deepcopy(reference)
     tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)))
     gen = torch.Generator().manual_seed(3)

@@ -15,7 +15,7 @@ def test_wheel_carries_registry_and_plans(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
                     *map(str, wheels.glob("tp-*.whl"))], check=True, timeout=300)
     probe = (
-        "import tp, tp.registry as r; reg = tp.load_registry(); "
+        "import tp, tp.plan.registry as r; reg = tp.load_registry(); "
         "print(r.builtin_registry_path()); print(sorted(reg.families)); "
         "print(reg.python_plan_path('cohere').is_file())"
     )

@@ -14,10 +14,11 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import tp
+import tp.testing.launch
 from tp.errors import PlanError
-from tp.heads import Heads
-from tp.layout_styles import ColwiseLayout, RowwiseLayout, build_layout
-from tp.layouts import Layout, Part
+from tp.sharding.heads import Heads
+from tp.styles.layout import ColwiseLayout, RowwiseLayout, build_layout
+from tp.sharding.layouts import Layout, Part
 
 GQA = Heads(q=8, kv=2, dim=4)
 
@@ -170,14 +171,14 @@ def test_uneven_vocabulary_is_exact(pool2):
 
 def test_yuan_needs_twice_as_many_heads_as_ranks():
     """Yuan's v/o halves put H/2 heads per half on the ranks: H % (2 tp) == 0, else a clear refusal."""
-    model = tp.models.tiny_model("yuan", num_attention_heads=12, hidden_size=96, intermediate_size=192)
-    tp.sizes.check(model, tp.resolve(model, 3), 3)  # 12 % 6 == 0
+    model = tp.testing.models.tiny_model("yuan", num_attention_heads=12, hidden_size=96, intermediate_size=192)
+    tp.checks.sizes.check(model, tp.resolve(model, 3), 3)  # 12 % 6 == 0
     with pytest.raises(tp.SizeError, match=r"v_proj.weight: each of 2 equal parts: 6 heads of 8 rows do not divide by tp=4"):
-        tp.sizes.check(model, tp.resolve(model, 4), 4)
+        tp.checks.sizes.check(model, tp.resolve(model, 4), 4)
 
 
 def test_yuan_at_tp3_with_sizes_the_registry_does_not_use():
-    with tp.launch.WorkerPool(3) as pool:
+    with tp.testing.launch.WorkerPool(3) as pool:
         result = tp.verify("yuan", tp=3, pool=pool, config_overrides={
             "num_attention_heads": 12, "hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3,
             "vocab_size": 300})

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import tp
-import tp.models
-from tp import report as report_
+import tp.testing.models
+from tp.checks import report as report_
 
 LAYERS = (0, 1)
 
@@ -27,7 +27,7 @@ def neox():
     # GPT-NeoX's layout under another model type, which no family claims.
     config = AutoConfig.for_model("gpt_neox_japanese", hidden_size=64, intermediate_size=128,
                                   num_attention_heads=8, num_hidden_layers=2, vocab_size=256)
-    return tp.models.build(config, device="meta")
+    return tp.testing.models.build(config, device="meta")
 
 
 def write_config(path: Path, text: str) -> Path:

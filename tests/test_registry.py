@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import tp
-import tp.models
-from tp.registry import Family, builtin_registry_path, load_registry
+import tp.testing.models
+from tp.plan.registry import Family, builtin_registry_path, load_registry
 from tp.styles import STYLES, StyleSpec
 
 LLAMA_LINEARS = {
@@ -84,7 +84,7 @@ def test_builtin_llama_plan_resolves(llama_meta):
 
 
 def test_derived_family_inherits_plan():
-    model = tp.models.build(tp.models.family_config("mistral"), device="meta")
+    model = tp.testing.models.build(tp.testing.models.family_config("mistral"), device="meta")
     resolved = tp.resolve(model, 2)
     assert resolved.family == "mistral"
     assert str(resolved.decisions["model.layers.1.mlp.down_proj"].style) == "rowwise"
@@ -224,7 +224,7 @@ def test_malformed_registry_fails_resolve_and_apply_early(tmp_path, llama_meta):
     with pytest.raises(tp.RegistryError, match="colwize"):
         tp.resolve(llama_meta, 2, registry=path)
     with pytest.raises(tp.RegistryError, match="colwize"):
-        tp.models.family_config("llama", registry=path)
+        tp.testing.models.family_config("llama", registry=path)
 
 
 def test_malformed_registry_from_environment(tmp_path, llama_meta, monkeypatch):

@@ -41,7 +41,7 @@ def test_without_sequence_parallel_activations_stay_whole(pool2):
 
 
 def test_plan_shows_the_sync_points():
-    model = tp.models.tiny_model("gpt2")
+    model = tp.testing.models.tiny_model("gpt2")
     plan = tp.resolve(model, 2, sequence_parallel=True)
     wpe = plan.decisions["transformer.wpe"]
     assert (str(wpe.style), wpe.source) == ("sequence_shard", "family gpt2 (sequence parallel)")
@@ -53,7 +53,7 @@ def test_plan_shows_the_sync_points():
 
 @pytest.mark.parametrize("family, words", REFUSED.items())
 def test_refused_families_say_why(family, words):
-    model = tp.models.tiny_model(family)
+    model = tp.testing.models.tiny_model(family)
     with pytest.raises(tp.PlanError, match=words):
         tp.resolve(model, 2, sequence_parallel=True)
     tp.resolve(model, 2)  # tensor parallelism alone is fine

@@ -16,10 +16,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from tp.gather import full_tensor
-from tp.gathered_norm import GatheredNorm
-from tp.shard_rows import ShardRows
-from tp.styles import RowwiseIntoSharded
+from tp.sharding.gather import full_tensor
+from tp.styles.gathered_norm import GatheredNorm
+from tp.styles.shard_rows import ShardRows
+from tp.styles.linear import RowwiseIntoSharded
 
 WIDTH, HEADS = 16, 4
 

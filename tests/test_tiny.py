@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from tp.tiny import CANNOT_BUILD, EXTRA, layer_kinds, parameter_count, tiny_config
+from tp.infer.tiny import CANNOT_BUILD, EXTRA, layer_kinds, parameter_count, tiny_config
 
 
 def _train_step(config) -> float:

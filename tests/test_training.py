@@ -11,7 +11,7 @@ Dropout is off: the sharded model cannot draw the unsharded model's masks (docs/
 
 import pytest
 
-from tp.training import TrainingSpec, compare_training
+from tp.testing.training import TrainingSpec, compare_training
 
 NO_DROPOUT = {"gpt2": (("resid_pdrop", 0.0), ("embd_pdrop", 0.0), ("attn_pdrop", 0.0))}
 

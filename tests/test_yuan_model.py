@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tp.modeling_yuan import (
+from tp.models.yuan import (
     LocalizedFiltering,
     YuanAttention,
     YuanConfig,

@@ -1,8 +1,10 @@
 """tp: tensor parallelism for any PyTorch model, in one call, on torch's DTensor machinery."""
 
-from .apply import apply, resolve
-from .checkpoint import CheckpointError, from_pretrained, load, save_pretrained
+from . import checkpoint, random  # noqa: F401  (tp.checkpoint.dcp, tp.random.seed / check_in_sync)
+from .apply import apply
+from .checkpoint import dcp, from_pretrained, load, save_pretrained
 from .errors import (
+    CheckpointError,
     AlreadyShardedError,
     MeshError,
     PlanError,
@@ -10,10 +12,11 @@ from .errors import (
     SizeError,
     TPError,
 )
-from .gather import full_state_dict, full_tensor
-from . import random  # noqa: F401  (tp.random.seed / check_in_sync)
-from .registry import load_registry
-from .verification import VerifyResult, verify
+from .plan.registry import load_registry
+from .resolve import resolve
+from .sharding.gather import full_state_dict, full_tensor
+from .styles import Style
+from .testing.verify import VerifyResult, verify
 
 __all__ = [
     "CheckpointError",
@@ -27,7 +30,9 @@ __all__ = [
     "SizeError",
     "TPError",
     "VerifyResult",
+    "Style",
     "apply",
+    "dcp",
     "full_state_dict",
     "full_tensor",
     "load_registry",

@@ -21,10 +21,11 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
 
 
 def _plan(args) -> int:
-    from . import report as report_
-    from . import sizes
-    from .apply import resolve
-    from .models import build, encoder_decoder, family_config, registered_family
+    from .checks import report as report_
+    from .checks import sizes
+    from .infer.tiny import build
+    from .resolve import resolve
+    from .testing.models import encoder_decoder, family_config, registered_family
 
     target = Path(args.target)
     if target.is_dir():
@@ -47,7 +48,7 @@ def _plan(args) -> int:
 
 
 def _verify(args) -> int:
-    from .verification import verify
+    from .testing.verify import verify
 
     result = verify(args.family, tp=args.tp, allreduce=args.allreduce, keep=args.keep, config=args.config,
                     registry=args.registry, strict=args.strict, sequence_parallel=args.sequence_parallel)
@@ -60,7 +61,7 @@ def _verify(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["census"]:
-        from .census import main as census
+        from .testing.census import main as census
 
         return census(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m tp", description=__doc__)

@@ -23,3 +23,7 @@ class MeshError(TPError):
 
 class AlreadyShardedError(TPError):
     """tp.apply was called on a model that already holds DTensor parameters."""
+
+
+class CheckpointError(TPError):
+    """A checkpoint that cannot be loaded into the model: missing, mis-shaped or unreadable tensors."""

@@ -18,9 +18,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from .gather import full_tensor
-from .models import for_checking, token_ids
-from .verification import GRAD_RTOL, GRAD_SCALE_FLOOR, LOGITS_ATOL, _max_rel
+from .checks import sizes
+from .checks.compare import GRAD_RTOL, LOGITS_ATOL, for_checking, gradient_errors, logits_error, token_ids
+from .errors import PlanError
+from .infer.plan import is_end_unit
+from .plan.resolved import ResolvedPlan
+from .resolve import resolve_units
+from .shard import shard
 
 
 @dataclass(frozen=True)
@@ -34,46 +38,30 @@ def _inputs(model: nn.Module):
     return ids.to(model.get_input_embeddings().weight.device)
 
 
-def _largest(t: torch.Tensor) -> float:
-    return t.abs().max().item() if t.numel() else 0.0
+def _first_line(e: Exception) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first[:200]}"
 
 
-def _errors(reference: nn.Module, sharded: nn.Module, ref_logits, logits) -> list[tuple[float, str]]:
-    """(error, what) for the logits (absolute) and every gradient (relative to its largest entry)."""
-    found = [((full_tensor(logits) - ref_logits).abs().max().item(), "the logits")]
-    grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
-    floor = GRAD_SCALE_FLOOR * max((_largest(g) for g in grads.values()), default=0.0)
-    for name, param in sharded.named_parameters():
-        if name not in grads:
-            continue
-        if param.grad is None:
-            found.append((float("inf"), f"the gradient of {name} (missing)"))
-            continue
-        found.append((_max_rel(full_tensor(param.grad, like=param), grads[name], floor), f"the gradient of {name}"))
-    return found
-
-
-def run_trial(twin: nn.Module, mesh: DeviceMesh, units: set[str], apply_kwargs: dict) -> TrialResult:
+def run_trial(twin: nn.Module, mesh: DeviceMesh, units: set[str], options: dict) -> TrialResult:
     """Shard a copy of ``twin`` with only ``units`` of its inferred plan and compare it with
     the unsharded copy (logits, every gradient)."""
-    from .apply import apply
-
     reference = for_checking(copy.deepcopy(twin).float())
     sharded = copy.deepcopy(reference)
     ids = _inputs(reference)
     try:
-        apply(sharded, mesh, _units=units, trial=False, **apply_kwargs)
+        shard(sharded, mesh, resolve_units(sharded, units=units, **options))
     except Exception as e:  # sizes that do not divide, a style that does not fit the module
-        return TrialResult(False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        return TrialResult(False, _first_line(e))
     try:
         ref_out = reference(input_ids=ids, labels=ids)
         ref_out.loss.backward()
         out = sharded(input_ids=ids, labels=ids)
         out.loss.backward()
-        errors = _errors(reference, sharded, ref_out.logits, out.logits)
+        errors = [(logits_error(out.logits, ref_out.logits), "the logits")]
+        errors += [(error, f"the gradient of {name}") for name, error in gradient_errors(reference, sharded).items()]
     except Exception as e:  # a shape error inside the model's own forward: the unit does not fit
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return TrialResult(False, f"{type(e).__name__}: {first[:200]}")
+        return TrialResult(False, _first_line(e))
     # A wrong plan can leave "replicated" values different on each rank: decide together.
     worst = torch.tensor([e for e, _ in errors], dtype=torch.float64)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=mesh.get_group())
@@ -84,15 +72,41 @@ def run_trial(twin: nn.Module, mesh: DeviceMesh, units: set[str], apply_kwargs: 
     return TrialResult(True)
 
 
-def failing_units(twin: nn.Module, mesh: DeviceMesh, keys: list[str], apply_kwargs: dict) -> dict[str, str]:
+def failing_units(twin: nn.Module, mesh: DeviceMesh, keys: list[str], options: dict) -> dict[str, str]:
     """Unit key -> why it fails; empty when the whole plan matches the unsharded model."""
-    if run_trial(twin, mesh, set(keys), apply_kwargs).ok:
+    if run_trial(twin, mesh, set(keys), options).ok:
         return {}
     failing = {}
     for key in keys:
-        result = run_trial(twin, mesh, {key}, apply_kwargs)
+        result = run_trial(twin, mesh, {key}, options)
         if not result.ok:
             failing[key] = result.reason
     if not failing:  # each unit passes alone but not all together
         failing = {key: "fails only together with the other units" for key in keys}
     return failing
+
+
+def fit(model: nn.Module, mesh: DeviceMesh, resolved: ResolvedPlan, options: dict, trial: bool) -> ResolvedPlan:
+    """The inferred plan less its units whose sizes do not divide by the TP size and, with
+    ``trial``, those that do not reproduce the unsharded model."""
+    inference = resolved.inference
+    options = {**options, "inference": inference}
+    dropped = {key: f"at tp={mesh.size()}, {why}" for key, why in sizes.unit_problems(model, resolved, mesh.size()).items()}
+    working = [key for key in resolved.units if key not in dropped]
+    if not working:
+        return resolved  # sizes.check refuses with every size that does not divide
+    if trial:
+        # the twin's logits are compared whole, so its trial gathers them
+        failing = failing_units(inference.twin, mesh, working, {**options, "loss_parallel": False})
+        if all(key in failing for key in working if not is_end_unit(key)):
+            reasons = "; ".join(f"{key}: {why}" for key, why in failing.items())
+            raise PlanError(
+                f"{type(model).__name__}: no family in the registry recognises it, and no part of the plan inferred "
+                f"from its dataflow matched the unsharded model when tried on {inference.traced} ({reasons}). Add a "
+                "family to registry.toml (README: 'Contributing a family')")
+        dropped.update({key: f"tried on {inference.traced}, {why}" for key, why in failing.items()})
+    if not dropped:
+        return resolved
+    fitted = resolve_units(model, units={key for key in working if key not in dropped}, **options)
+    fitted.warnings += [f"{key} stays whole: {why}" for key, why in dropped.items()]
+    return fitted

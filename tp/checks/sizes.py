@@ -1,0 +1,134 @@
+"""Which tensor dimension each style shards, and the divisibility checks made before sharding."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import SizeError
+from ..patterns import matches
+from ..plan.resolved import Decision, ResolvedPlan
+from ..sharding.layouts import Layout
+from ..styles.descriptor import LayoutMap
+
+
+def layouts(decision: Decision, module: nn.Module) -> LayoutMap | None:
+    """Parameter -> (layout, dim) for a style that shards by a layout, else None."""
+    return decision.style.style.layouts(decision.style.site(module, heads=decision.heads))
+
+
+def sharded_dims(decision: Decision, module: nn.Module) -> dict[str, int]:
+    """Parameter -> the dimension split evenly over the ranks."""
+    return decision.style.style.sharded_dims(decision.style.site(module, heads=decision.heads))
+
+
+def local_shape(shape: tuple[int, ...], dim: int | None, tp: int, layout: Layout | None = None) -> tuple[int, ...]:
+    """The shape on rank 0 (which holds the largest shard when the sizes are uneven)."""
+    if dim is None:
+        return tuple(shape)
+    size = len(layout.rows(tp, 0)) if layout is not None else -(-shape[dim] // tp)
+    return tuple(size if i == dim else s for i, s in enumerate(shape))
+
+
+@dataclass(frozen=True)
+class Constraint:
+    module: str
+    what: str
+    value: int
+
+
+def _head_dim(parent: nn.Module | None) -> int | None:
+    head_dim = getattr(parent, "head_dim", None)
+    return head_dim if isinstance(head_dim, int) and head_dim > 0 else None
+
+
+def constraints(model: nn.Module, plan: ResolvedPlan, paths: set[str] | None = None
+                ) -> tuple[list[Constraint], list[tuple[str, Layout]]]:
+    """Every quantity that must divide by the TP size, and every layout whose parts must split
+    (for the modules in ``paths``, default all)."""
+    found, laid_out = [], []
+    for path, decision in plan.decisions.items():
+        if paths is not None and path not in paths:
+            continue
+        module = model.get_submodule(path)
+        by_layout = layouts(decision, module)
+        if by_layout is not None:
+            laid_out += [(f"{path}.{name}", layout) for name, (layout, _) in by_layout.items()]
+            continue
+        if decision.style.style.uneven_ok(decision.style.options):
+            continue
+        parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else None
+        for name, dim in sharded_dims(decision, module).items():
+            param = getattr(module, name, None)
+            if param is None:
+                continue
+            size = param.shape[dim]
+            found.append(Constraint(path, f"{name}.shape[{dim}]", size))
+            head_dim = _head_dim(parent)
+            # In attention, a shard must hold whole heads, not just a whole number of features. An
+            # output of one value per head (a gate, a sink) holds whole heads already.
+            per_head = plan.heads is not None and size in (plan.heads.q, plan.heads.kv)
+            if name == "weight" and head_dim and not per_head and size % head_dim == 0 \
+                    and isinstance(module, nn.Linear):
+                found.append(Constraint(path, f"heads ({size} / head_dim {head_dim})", size // head_dim))
+    return found, laid_out
+
+
+def _collapse(path: str) -> str:
+    return re.sub(r"\.\d+\.", ".*.", path)
+
+
+def _lines(found: list[Constraint], laid_out: list[tuple[str, Layout]], tp: int) -> list[str]:
+    lines = []
+    for c in found:
+        if c.value % tp:
+            lines.append(f"{_collapse(c.module)}: {c.what} = {c.value} does not divide by tp={tp}")
+    for path, layout in laid_out:
+        lines += [f"{_collapse(path)}: {problem}" for problem in layout.problems(tp)]
+    return list(dict.fromkeys(lines))
+
+
+def problems(model: nn.Module, plan: ResolvedPlan, tp: int) -> tuple[list[str], list[int]]:
+    """Lines describing each quantity that does not divide by ``tp``, and the sizes (up to 64) that work."""
+    found, laid_out = constraints(model, plan)
+    working = [n for n in range(1, 65) if not _lines(found, laid_out, n)]
+    return _lines(found, laid_out, tp), working
+
+
+def unit_problems(model: nn.Module, plan: ResolvedPlan, tp: int) -> dict[str, str]:
+    """For an inferred plan: unit key -> the first of its sizes that does not divide by ``tp``."""
+    found = {}
+    for key, paths in plan.units.items():
+        lines = _lines(*constraints(model, plan, set(paths)), tp)
+        if lines:
+            found[key] = lines[0]
+    return found
+
+
+def check(model: nn.Module, plan: ResolvedPlan, tp: int) -> None:
+    lines, sizes = problems(model, plan, tp)
+    if lines:
+        raise SizeError(
+            "cannot shard at tp={}:\n  {}\nTP sizes that divide every sharded size of this model: {}".format(
+                tp, "\n  ".join(lines), ", ".join(map(str, sizes)) or "none up to 64")
+        )
+
+
+def divide_attributes(model: nn.Module, patterns: list[str], tp: int) -> list[str]:
+    """Divide per-rank head counts that a model stores as attributes (``self_attn.num_heads``)."""
+    changed = []
+    for spec in patterns:
+        module_pattern, _, attr = spec.rpartition(".")
+        for path, module in model.named_modules():
+            if module_pattern and not matches(module_pattern, path):
+                continue
+            value = getattr(module, attr, None)
+            if not isinstance(value, int):
+                continue
+            if value % tp:
+                raise SizeError(f"{path}.{attr} = {value} does not divide by tp={tp}")
+            setattr(module, attr, value // tp)
+            changed.append(f"{path}.{attr}")
+    return changed

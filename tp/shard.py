@@ -1,0 +1,28 @@
+"""Execute a resolved plan: check sizes, shard with ``parallelize_module``, re-tie shared
+weights and set the per-rank attributes. ``tp.apply`` and the trial of an inferred plan share it."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import parallelize_module
+
+from .checks import report as report_
+from .checks import sizes
+from .plan.resolved import ResolvedPlan
+from .sharding.heads import set_local_counts
+from .sharding.ties import retie, tied_groups
+
+
+def shard(model: nn.Module, mesh: DeviceMesh, resolved: ResolvedPlan) -> report_.Report:
+    """Shard ``model`` in place by ``resolved`` over the 1-D ``mesh``; returns the report."""
+    tp = mesh.size()
+    sizes.check(model, resolved, tp)
+    report = report_.build(model, resolved, tp)
+    ties = tied_groups(model)
+    parallelize_module(model, mesh, resolved.styles(model))
+    retie(model, ties, set(resolved.decisions))
+    sizes.divide_attributes(model, resolved.divide, tp)
+    if resolved.local_counts:
+        set_local_counts(model, resolved.local_counts, resolved.heads, tp)
+    return report

@@ -1,0 +1,47 @@
+"""The autograd-aware collectives the styles share, named after Megatron's ``f`` and ``g``.
+
+``f`` is the identity in the forward and an all-reduce of the gradient in the backward: it
+marks where a tensor that every rank holds whole starts to be used on sharded data (a
+per-head norm's weight, rows replicated over ranks). ``g``, the all-reduce in the forward, is
+DTensor's own ``Partial -> Replicate`` redistribution in the row-parallel styles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+
+class _ReduceGradInBackward(torch.autograd.Function):
+    """Identity in the forward; ``reduce(grad)`` sums the gradient in place in the backward.
+
+    Part of the graph rather than a hook on a Parameter: FSDP2 replaces the Parameters, and a
+    post-accumulate hook would sum earlier micro-batches again under gradient accumulation.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, reduce: Callable[[torch.Tensor], None]):
+        ctx.reduce = reduce
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        ctx.reduce(grad)
+        return grad, None
+
+
+def f(x: torch.Tensor, group) -> torch.Tensor:
+    """Megatron's ``f``: ``x`` unchanged; its gradient all-reduced over ``group`` in the backward."""
+    return _ReduceGradInBackward.apply(x, partial(dist.all_reduce, group=group))
+
+
+def sum_replicated_grad(x: torch.Tensor, shard) -> torch.Tensor:
+    """``x``, this rank's rows of ``shard`` (a ``LocalShard``), unchanged; in the backward the
+    gradient of its rows replicated over ranks (kv heads with TP > kv heads) is summed over the
+    ranks that hold them (one all-reduce)."""
+    return _ReduceGradInBackward.apply(
+        x, partial(shard.layout.sum_replicated, dim=shard.dim, group=shard.mesh.get_group()))

@@ -1,0 +1,104 @@
+"""Tensor parallelism inside packed mixture-of-experts tensors (transformers 5 ``*Experts`` modules).
+
+transformers 5 stores all experts of a layer in two 3-D parameters: ``gate_up_proj``
+``[experts, 2 * intermediate, hidden]`` (gate rows, then up rows) and ``down_proj``
+``[experts, hidden, intermediate]``. Every expert is an MLP, so Megatron's recipe applies to
+each: its gate and up rows column-parallel, its down projection row-parallel. Every rank
+keeps every expert and the router's choices stay the same on every rank; each rank computes
+its slice of every chosen expert's intermediate features, and one all-reduce sums the outputs.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from ..errors import SizeError
+from ..sharding.layouts import Layout, Part
+from ..sharding.lending import lend_local_params, local_of, take_back_params
+from ..sharding.tags import place_parameter
+from .descriptor import Act, Style
+
+# parameter -> (dimension holding the intermediate features, parts packed along it)
+EXPERT_PARAMS = {"gate_up_proj": (1, 2), "down_proj": (2, 1)}
+
+
+def expert_layouts(module: nn.Module) -> dict[str, tuple[Layout, int]]:
+    """Layouts of a packed experts module's parameters; NotImplementedError for other modules."""
+    names = {n for n, _ in module.named_parameters(recurse=False)}
+    if names != set(EXPERT_PARAMS):
+        raise NotImplementedError(
+            f"experts supports modules holding exactly {', '.join(EXPERT_PARAMS)} (transformers 5 packed "
+            f"experts without biases), but {type(module).__name__} holds {', '.join(sorted(names))}; "
+            "leave it out of the plan to keep it whole on every rank")
+    found = {}
+    for name, (dim, parts) in EXPERT_PARAMS.items():
+        size = getattr(module, name).shape[dim]
+        found[name] = (Layout(tuple(Part(size // parts, 1, name=f"{name} part {i}", unit="rows") for i in range(parts))), dim)
+    return found
+
+
+class PackedExperts(ParallelStyle):
+    """Shard every expert of a packed experts module on its intermediate features.
+
+    ``gate_up_proj`` keeps, for each expert, this rank's slice of the gate rows and of the up
+    rows (a ``_StridedShard`` on dim 1, so the DTensor is the original tensor); ``down_proj``
+    is sharded on dim 2. The module's own forward runs on the local shards: the routing
+    weights and the hidden states come in replicated, the expert outputs leave partial and
+    are all-reduced. Their input gradients are partial on each rank: the hidden states'
+    gradient is summed where the input was replicated (or here, for a plain input), and the
+    routing weights' gradient, which the router needs whole, is all-reduced here.
+
+    Example::
+        >>> parallelize_module(model, mesh, {"layers.*.mlp.experts": PackedExperts()})
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        tp = device_mesh.size()
+        layouts = expert_layouts(module)
+        for name, (layout, dim) in layouts.items():
+            if layout.problems(tp):
+                raise SizeError(f"{type(module).__name__}.{name}: intermediate size {layout.parts[0].units} "
+                                f"does not divide by the tensor-parallel size {tp}; choose a size that divides it")
+            place_parameter(module, name, layout, dim, device_mesh)
+        module.register_forward_pre_hook(partial(self._lend_local, device_mesh), with_kwargs=True)
+        module.register_forward_hook(partial(self._take_back, device_mesh), always_call=True)
+        return module
+
+    @staticmethod
+    def _replicated(x, mesh):
+        """A local view of a replicated input whose gradient is summed over the ranks."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return x.to_local() if isinstance(x, DTensor) else x
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+        return x.to_local(grad_placements=[Partial()])
+
+    def _lend_local(self, device_mesh, module, args, kwargs):
+        args = tuple(self._replicated(a, device_mesh) for a in args)
+        kwargs = {k: self._replicated(v, device_mesh) for k, v in kwargs.items()}
+        lend_local_params(module, EXPERT_PARAMS, lambda name, param: local_of(param))
+        return args, kwargs
+
+    def _take_back(self, device_mesh, module, args, output):
+        if take_back_params(module) is None or output is None:
+            return None
+        total = DTensor.from_local(output, device_mesh, [Partial()], run_check=False)
+        return total.redistribute(device_mesh, [Replicate()]).to_local()
+
+    def __repr__(self) -> str:
+        return "PackedExperts()"
+
+
+# The expert outputs' all-reduce; the routing weights' gradient, and a plain input's.
+EXPERTS = Style(
+    name="experts", build=lambda site: PackedExperts(),
+    doc="packed 3-D experts (gate_up_proj, down_proj): every expert sharded on its intermediate features",
+    reads=Act.REPLICATED, leaves=Act.REPLICATED, layouts=lambda site: expert_layouts(site.module),
+    collectives=lambda site: (1, 1 + int(site.plain_input)),
+    sequence_refused="packed experts see the tokens flattened, not along a sequence dimension")

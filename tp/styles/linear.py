@@ -1,0 +1,206 @@
+"""The linear styles: column- and row-parallel (plain, or by a layout for fused weights and
+convolutions), the vocab-parallel embedding and the lm_head.
+
+Each is torch's own ``ColwiseParallel`` / ``RowwiseParallel`` where a contiguous shard is right,
+and ``ColwiseLayout`` / ``RowwiseLayout`` (tp/styles/layout.py) for fused, packed or replicated
+rows, GPT-2's ``Conv1D`` and ``nn.Conv1d``/``nn.Conv2d``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from torch import nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+
+from ..sharding.collectives import f
+from .descriptor import Act, Args, LayoutMap, Site, Style
+from .layout import CONVOLUTIONS, UNITS, ColwiseLayout, Conv1D, LayoutParallel, RowwiseLayout
+
+
+class OwnedRowwiseParallel(RowwiseParallel):
+    """torch's RowwiseParallel whose local output owns its memory.
+
+    ``DTensor.to_local()`` returns a view made inside an autograd Function, which autograd
+    forbids modifying in place; models add to a row-parallel output in place (Falcon's
+    ``mlp_output += attention_output``). One copy of the output makes it an ordinary tensor.
+
+    Example::
+        >>> parallelize_module(model, mesh, {"layers.0.mlp.dense_4h_to_h": OwnedRowwiseParallel()})
+    """
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        out = RowwiseParallel._prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh)
+        return out.clone() if use_local_output else out
+
+
+class RowwiseIntoSharded(RowwiseParallel):
+    """torch's RowwiseParallel for a linear whose all-reduced output is read by sharded
+    computation, not added to the residual stream.
+
+    Mamba's ``x_proj`` reduces the channel-sharded activations to dt, B and C, which every rank
+    then applies to its own channels: each rank's gradient of that output is a part of the
+    whole, so the backward all-reduces it too (Megatron's ``g`` followed by ``f``).
+
+    Example::
+        >>> parallelize_module(model, mesh, {"layers.0.mixer.x_proj": RowwiseIntoSharded()})
+    """
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        whole = outputs.redistribute(placements=output_layouts).to_local()
+        return f(whole, device_mesh.get_group())
+
+
+def _needs_layout(module: nn.Module | None, parts, unit: str) -> bool:
+    return parts != 1 or unit != "row" or (module is not None and not isinstance(module, (nn.Linear, nn.Embedding)))
+
+
+class LayoutArgs(Args):
+    """``parts``: a number of equal parts (``[gate; up]``: 2) or a list of head kinds (``["q", "kv",
+    "kv"]``); ``unit``: what each part is split in (rows, query heads, head_dim blocks, kv groups)."""
+
+    parts: int | tuple[Literal["q", "kv"], ...] = 1
+    unit: Literal[UNITS] = "row"
+
+    @field_validator("parts", mode="before")
+    @classmethod
+    def _parts(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            if not value or any(p not in ("q", "kv") for p in value):
+                raise ValueError(f"parts must be a number or a list of 'q' and 'kv', found {list(value)}")
+            return tuple(value)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"parts must be a positive number or a list of 'q' and 'kv', found {value!r}")
+        return value
+
+    @field_validator("unit", mode="before")
+    @classmethod
+    def _unit(cls, value: Any) -> Any:
+        if value not in UNITS:
+            raise ValueError(f"unit must be one of {', '.join(UNITS)}, found {value!r}")
+        return value
+
+
+class SequenceArgs(Args):
+    sequence_dim: int | None = Field(None, description="set by the plan under sequence parallelism")
+
+
+class RowwiseArgs(LayoutArgs, SequenceArgs):
+    pass
+
+
+class LmHeadArgs(SequenceArgs):
+    loss_parallel: bool = False
+
+
+def _sequence(args: SequenceArgs) -> bool:
+    return args.sequence_dim is not None
+
+
+# Modules that compute ``x @ W^T + b``, whatever the weight's storage order.
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+LAYOUT_TYPES = (*LINEAR_TYPES, *CONVOLUTIONS)
+
+
+def build_colwise(site: Site) -> ParallelStyle:
+    args = site.args
+    if _needs_layout(site.module, args.parts, args.unit):
+        return ColwiseLayout(parts=args.parts, unit=args.unit, heads=site.heads)
+    return ColwiseParallel()
+
+
+def build_rowwise(site: Site) -> ParallelStyle:
+    """With ``sequence_dim`` the partial outputs are reduce-scattered along it instead of all-reduced."""
+    args = site.args
+    if _needs_layout(site.module, args.parts, args.unit):
+        return RowwiseLayout(parts=args.parts, unit=args.unit, heads=site.heads, sequence_dim=args.sequence_dim)
+    if _sequence(args):
+        return RowwiseParallel(output_layouts=Shard(args.sequence_dim), use_local_output=False)
+    return OwnedRowwiseParallel()
+
+
+def build_embedding(site: Site) -> ParallelStyle:
+    """The looked-up vectors all-reduced or, with ``sequence_dim``, reduce-scattered along the sequence."""
+    if _sequence(site.args):
+        return RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(site.args.sequence_dim),
+                               use_local_output=False)
+    return OwnedRowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())  # CTRL scales it in place
+
+
+def build_lm_head(site: Site) -> ParallelStyle:
+    """By default the logits are all-gathered, so the model returns ordinary full logits. With
+    ``loss_parallel=True`` they stay a vocab-sharded DTensor for
+    ``torch.distributed.tensor.parallel.loss_parallel`` and never exist whole on one rank.
+    With ``sequence_dim`` its input arrives sharded along the sequence and is all-gathered."""
+    args = site.args
+    inputs = Shard(args.sequence_dim) if _sequence(args) else Replicate()
+    if args.loss_parallel:
+        return ColwiseParallel(input_layouts=inputs, output_layouts=Shard(-1), use_local_output=False)
+    return ColwiseParallel(input_layouts=inputs, output_layouts=Replicate())
+
+
+def _by_layout(build):
+    def layouts(site: Site) -> LayoutMap | None:
+        built = build(site)
+        return built.layouts(site.module) if isinstance(built, LayoutParallel) else None
+
+    return layouts
+
+
+def _dims(by_type: dict[type, dict[str, int]]):
+    def dims(site: Site) -> dict[str, int]:
+        return next((d for kind, d in by_type.items() if isinstance(site.module, kind)), {})
+
+    return dims
+
+
+def _colwise_collectives(site: Site) -> tuple[int, int]:
+    """With sequence parallelism a plain input is all-gathered; a plain input's gradient is
+    all-reduced, and so is that of every parameter with rows replicated over ranks."""
+    by_layout = _by_layout(build_colwise)(site) or {}
+    replicated = sum(bool(layout.replicated_rows(site.tp, 0)) for layout, _ in by_layout.values())
+    return int(site.sequence_parallel and site.plain_input), int(site.plain_input) + replicated
+
+
+COLWISE = Style(
+    name="colwise", build=build_colwise, args=LayoutArgs, supports=(*LAYOUT_TYPES, nn.Embedding),
+    doc="output features sharded; input replicated",
+    reads=Act.REPLICATED, leaves=Act.FEATURES,
+    sharded_dims=_dims({nn.Linear: {"weight": 0, "bias": 0}, nn.Embedding: {"weight": 1}}),
+    layouts=_by_layout(build_colwise), collectives=_colwise_collectives,
+    opens_block=lambda args: args == LayoutArgs())
+
+# an all-reduce, or a reduce-scatter with its all-gather in the backward
+ROWWISE = Style(
+    name="rowwise", build=build_rowwise, args=RowwiseArgs, supports=LAYOUT_TYPES,
+    doc="input features sharded; partial outputs all-reduced (reduce-scattered under sequence parallelism)",
+    reads=Act.FEATURES, leaves=lambda args: Act.SEQUENCE if _sequence(args) else Act.REPLICATED,
+    sharded_dims=_dims({nn.Linear: {"weight": 1}}), layouts=_by_layout(build_rowwise),
+    collectives=lambda site: (1, int(_sequence(site.args))), takes_sequence_dim=True)
+
+ROWWISE_INTO_SHARDED = Style(
+    name="rowwise_into_sharded", build=lambda site: RowwiseIntoSharded(), supports=(nn.Linear,),
+    doc="row-parallel linear whose all-reduced output feeds sharded computation (Mamba's x_proj): gradient summed",
+    reads=Act.FEATURES, leaves=Act.REPLICATED, sharded_dims=_dims({nn.Linear: {"weight": 1}}),
+    collectives=lambda site: (1, 1))
+
+# A vocabulary of 32001 shards over 2 ranks as 16001 + 16000 rows: DTensor pads, which is exact.
+EMBEDDING = Style(
+    name="embedding", build=build_embedding, args=SequenceArgs, supports=(nn.Embedding,),
+    doc="vocab-parallel embedding: rows (tokens) sharded, the looked-up vectors all-reduced",
+    reads=Act.REPLICATED, leaves=lambda args: Act.SEQUENCE if _sequence(args) else Act.REPLICATED,
+    sharded_dims=_dims({nn.Embedding: {"weight": 0}}), uneven_ok=lambda args: True,
+    collectives=lambda site: (1, int(_sequence(site.args))), takes_sequence_dim=True)
+
+LM_HEAD = Style(
+    name="lm_head", build=build_lm_head, args=LmHeadArgs, supports=(nn.Linear,),
+    doc="vocab-sharded output projection; logits gathered (or kept sharded with loss_parallel)",
+    reads=lambda args: Act.SEQUENCE if _sequence(args) else Act.REPLICATED,
+    leaves=lambda args: Act.FEATURES if args.loss_parallel else Act.REPLICATED,
+    sharded_dims=_dims({nn.Linear: {"weight": 0, "bias": 0}}), uneven_ok=lambda args: not args.loss_parallel,
+    collectives=lambda site: (int(not site.args.loss_parallel) + int(_sequence(site.args)), 1),
+    takes_sequence_dim=True)

@@ -1,0 +1,146 @@
+"""Tensor parallelism inside a Mamba-2 mixer: its heads and groups split over the ranks.
+
+A Mamba-2 mixer projects its input once (``in_proj``) into five parts, ``[z | x | B | C | dt]``:
+the gate and the input of ``num_heads`` heads of ``head_dim`` channels, B and C for ``n_groups``
+groups of ``ssm_state_size``, and one time step per head. A depthwise ``conv1d`` runs over
+``[x | B | C]``, the scan runs per head (each head reads its group's B and C), a gated RMS norm
+normalises each group's channels, and ``out_proj`` maps the channels back. Megatron's recipe
+for it: every rank takes its block of heads and of groups in every part (``in_proj`` is
+column-parallel with that layout, ``conv1d``, ``dt_bias``, ``A_log``, ``D`` and the norm hold the
+same rows), the scan and the norm run on the rank's own heads and groups, and ``out_proj`` is
+row-parallel: one all-reduce in the forward and one, for the input, in the backward.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
+
+from ..errors import SizeError
+from ..sharding.collectives import sum_replicated_grad
+from ..sharding.layouts import Layout, Part
+from ..sharding.lending import lend_during_forward, lend_local_params, local_of
+from ..sharding.tags import LocalShard, place_parameter
+from .gathered_norm import GatheredNorm
+from .layout import ColwiseLayout
+from .linear import OwnedRowwiseParallel
+from .shard_rows import ShardRows
+from .descriptor import Act, Style
+
+# the mixer's attributes that hold sizes, and the parameters the mixer reads directly
+SIZES = ("num_heads", "head_dim", "n_groups", "ssm_state_size", "intermediate_size")
+OWN = ("dt_bias", "A_log", "D")
+
+
+def mixer_layouts(mixer: nn.Module) -> dict[str, tuple[Layout, int]]:
+    """``child.parameter`` (or own parameter) -> (layout, sharded dimension), out_proj's input
+    features included."""
+    missing = [a for a in SIZES if not isinstance(getattr(mixer, a, None), int)]
+    if missing or not all(hasattr(mixer, m) for m in ("in_proj", "conv1d", "norm", "out_proj")):
+        raise NotImplementedError(
+            f"mamba2_mixer supports transformers' Mamba-2 mixers (in_proj, conv1d, norm, out_proj and the sizes "
+            f"{', '.join(SIZES)}), but {type(mixer).__name__} lacks {', '.join(missing) or 'some of those modules'}")
+    heads, head_dim, groups, state = (getattr(mixer, a) for a in SIZES[:4])
+    z, x = Part(heads, head_dim, name="z heads", unit="heads"), Part(heads, head_dim, name="x heads", unit="heads")
+    # fewer groups than ranks: each rank holds the group its heads read (as kv heads under GQA)
+    b = Part(groups, state, replicable=True, name="B groups", unit="groups")
+    c = Part(groups, state, replicable=True, name="C groups", unit="groups")
+    per_head = Layout((Part(heads, 1, name="heads", unit="heads"),))
+    found = {"in_proj.weight": (Layout((z, x, b, c, Part(heads, 1, name="dt heads", unit="heads"))), 0),
+             "conv1d.weight": (Layout((x, b, c)), 0)}
+    if getattr(mixer.norm, "weight", None) is not None:
+        found["norm.weight"] = (Layout((Part(groups, heads * head_dim // groups, name="norm groups",
+                                             unit="groups", replicable=True),)), 0)
+    if mixer.in_proj.bias is not None:
+        found["in_proj.bias"] = (found["in_proj.weight"][0], 0)
+    if mixer.conv1d.bias is not None:
+        found["conv1d.bias"] = (found["conv1d.weight"][0], 0)
+    found.update({name: (per_head, 0) for name in OWN})
+    found["out_proj.weight"] = (Layout((x,)), 1)
+    return found
+
+
+def mixer_collectives(mixer: nn.Module, tp: int) -> tuple[int, int]:
+    """(forward, backward) collectives of one sharded mixer: out_proj's all-reduce and in_proj's
+    input gradient; with fewer groups than ranks also the norm's two all-gathers (input and gate)
+    and their reduce-scatters, its weight's gradient, and the replicated B and C rows' gradients
+    of in_proj and conv1d (one all-reduce per parameter)."""
+    if mixer.n_groups % tp == 0:
+        return 1, 1
+    replicated = sum(p is not None for p in (mixer.in_proj.weight, mixer.in_proj.bias,
+                                             mixer.conv1d.weight, mixer.conv1d.bias))
+    return 3, 3 + len(list(mixer.norm.parameters())) + replicated
+
+
+class _ColwiseWith(ColwiseLayout):
+    """ColwiseLayout with a layout given whole, not built from parts and heads."""
+
+    def __init__(self, layout: Layout):
+        super().__init__()
+        self.layout = layout
+
+    def layouts(self, module: nn.Module) -> dict[str, tuple[Layout, int]]:
+        return {name: (self.layout, 0) for name in ("weight", "bias") if getattr(module, name, None) is not None}
+
+
+class Mamba2Mixer(ParallelStyle):
+    """Shard a transformers Mamba-2 mixer by heads and groups (see the module docstring).
+
+    ``num_heads`` must divide by the tensor-parallel size, and ``n_groups`` either divide by it or
+    divide it. With fewer groups than ranks (one group, as most Mamba-2 checkpoints), each rank
+    holds the B and C of the group its heads read, their gradients summed over the ranks that
+    share it, and the gated norm, whose groups then span ranks, runs on all-gathered channels
+    (``GatheredNorm``): one all-gather more in the forward.
+
+    Example::
+        >>> parallelize_module(model, mesh, {"backbone.layers.*.mixer": Mamba2Mixer()})
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        tp = device_mesh.size()
+        layouts = mixer_layouts(module)
+        problems = [p for layout, _ in layouts.values() for p in layout.problems(tp)]
+        if problems:
+            raise SizeError(f"{type(module).__name__}: {'; '.join(dict.fromkeys(problems))}; use a tensor-parallel "
+                            "size that divides the heads and the groups")
+        parallelize_module(module.in_proj, device_mesh, _ColwiseWith(layouts["in_proj.weight"][0]))
+        parallelize_module(module.out_proj, device_mesh, OwnedRowwiseParallel())
+        # per-head parameters, and the norm's groups when each rank holds whole ones: equal row blocks
+        parallelize_module(module, device_mesh, ShardRows(params=OWN))
+        if "norm.weight" in layouts:
+            # with fewer groups than ranks a norm group spans ranks: the norm runs on gathered channels
+            norm_style = ShardRows() if module.n_groups % tp == 0 else GatheredNorm()
+            parallelize_module(module.norm, device_mesh, norm_style)
+        conv = {name: LocalShard(layouts[f"conv1d.{name}"][0], 0, device_mesh) for name in ("weight", "bias")
+                if f"conv1d.{name}" in layouts}
+        for name, shard in conv.items():
+            place_parameter(module.conv1d, name, shard.layout, 0, device_mesh)
+
+        def conv_rows(name, param):  # B and C rows held by several ranks sum their gradients
+            local = local_of(param)
+            replicated = conv[name].layout.replicated_rows(tp, device_mesh.get_local_rank())
+            return sum_replicated_grad(local, conv[name]) if replicated and local.requires_grad else local
+
+        # the mixer reads conv1d's weight directly, without calling conv1d
+        lend_during_forward(module, lambda: lend_local_params(module.conv1d, tuple(conv), conv_rows), [module.conv1d])
+        self._set_local_sizes(module, tp)
+        return module
+
+    @staticmethod
+    def _set_local_sizes(module: nn.Module, tp: int) -> None:
+        for attr in ("num_heads", "intermediate_size"):
+            setattr(module, attr, getattr(module, attr) // tp)
+        module.n_groups = max(module.n_groups // tp, 1)
+        channels = local_of(module.conv1d.weight).shape[0]
+        module.conv_dim = module.conv1d.in_channels = module.conv1d.out_channels = module.conv1d.groups = channels
+
+    def __repr__(self) -> str:
+        return "Mamba2Mixer()"
+
+
+MAMBA2_MIXER = Style(
+    name="mamba2_mixer", build=lambda site: Mamba2Mixer(),
+    doc="a Mamba-2 mixer split by heads and groups: in_proj, conv1d and the scan per rank, out_proj row-parallel",
+    reads=Act.REPLICATED, leaves=Act.REPLICATED, layouts=lambda site: mixer_layouts(site.module),
+    collectives=lambda site: mixer_collectives(site.module, site.tp))
