@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tp.testing.counter import CollectiveCounter, _short
+from tp.testing.counter import CollectiveCounter, short_name
 from tp.testing.launch import WorkerPool
 
 WORLD = 2
@@ -87,7 +87,7 @@ class CollectiveTrace(CollectiveCounter):
         out = super().__torch_dispatch__(func, types, args, kwargs)
         packet = getattr(func, "_overloadpacket", None)
         if out is not NotImplemented and packet in self._collectives:
-            record = self.records[(self.phase, self.place, _short(packet))]
+            record = self.records[(self.phase, self.place, short_name(packet))]
             record[0] += 1
             record[1] += max(_tensor_bytes(args), _tensor_bytes(out))
         return out

@@ -22,8 +22,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 import tp
-from tp.testing.counter import CollectiveCounter
 from tp.models.conv_block import ConvNet
+from tp.testing.counter import CollectiveCounter
 from tp.testing.launch import WorkerPool
 
 

@@ -1,4 +1,4 @@
-"""The census (tp/census.py) on a few model types, one of each kind of outcome, and the committed
+"""The census (tp/testing/census.py) on a few model types, one of each kind of outcome, and the committed
 docs/coverage.md against the installed transformers. The full census is `python -m tp census`."""
 
 from pathlib import Path
@@ -77,7 +77,7 @@ def test_token_ids_fit_the_logits_and_rwkv_checks_in_training_mode():
     ids = token_ids(cpmant, (4, 64), torch.Generator().manual_seed(0))
     assert int(ids.max()) < cpmant.get_output_embeddings().out_features < cpmant.get_input_embeddings().num_embeddings
     assert for_checking(tp.testing.census.tiny_model("rwkv")).training and not for_checking(cpmant).training
-    assert tp.testing.census._builds("cpmant") is None and tp.testing.census._builds("rwkv") is None
+    assert tp.testing.census.build_problem("cpmant") is None and tp.testing.census.build_problem("rwkv") is None
 
 
 def _zaya():

@@ -137,13 +137,13 @@ def test_no_checkpoint_in_the_directory(tmp_path):
 
 
 def test_progress_line_on_rank_zero_only_when_asked_or_on_a_terminal(capsys):
-    from tp.checkpoint.safetensors import _progress
+    from tp.checkpoint.safetensors import progress_reporter
 
-    update = _progress(True)
+    update = progress_reporter(True)
     update(1, 2, "a.weight")
     update(2, 2, "b.weight")
     err = capsys.readouterr().err
     assert "tp: loading 1/2 tensors (a.weight)" in err and err.endswith("\n")
-    _progress(False)(1, 2, "a.weight")
-    _progress(None)(1, 2, "a.weight")  # stderr is not a terminal under pytest
+    progress_reporter(False)(1, 2, "a.weight")
+    progress_reporter(None)(1, 2, "a.weight")  # stderr is not a terminal under pytest
     assert capsys.readouterr().err == ""

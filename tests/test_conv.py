@@ -13,10 +13,10 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import parallelize_module
 
 import tp
-from tp.testing.counter import CollectiveCounter
-from tp.styles.layout import ColwiseLayout, RowwiseLayout
-from tp.models.conv_block import ConvNet
 from tp.errors import SizeError
+from tp.models.conv_block import ConvNet
+from tp.styles.layout import ColwiseLayout, RowwiseLayout
+from tp.testing.counter import CollectiveCounter
 
 SEED = 1234
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d}

@@ -1,19 +1,19 @@
-"""The dataflow trace (tp/dataflow.py) and the plans inferred from it (tp/inference.py, tp/plan.py),
+"""The dataflow trace (tp/infer/dataflow.py) and the plans inferred from it (tp/infer/inference.py, tp/infer/plan.py),
 on tiny transformers models in one process: which linears pair up, what stays whole and why."""
 
 import pytest
 
 import tp
-from tp.testing.census import tiny_model
 from tp.infer.dataflow import plan_block, trace_blocks
 from tp.plan.structure import find_blocks
-from tp.trial import _inputs  # the trial's own input
+from tp.testing.census import tiny_model
+from tp.trial import trial_inputs
 
 
 def block_plan(model_type, keep=frozenset()):
     model = tiny_model(model_type)
     blocks = find_blocks(model)
-    ids = _inputs(model)
+    ids = trial_inputs(model)
     (flow, *_), = [list(trace_blocks(model, blocks[:1], lambda: model(input_ids=ids)).values())]
     plan = plan_block(flow, keep)
     return {u.row: u for u in plan.units}, plan.kept

@@ -17,8 +17,8 @@ from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
 
 import tp
-import tp.testing.models
 import tp.random
+import tp.testing.models
 
 P = 0.1
 GPT2 = ("gpt2", (("attn_pdrop", P), ("resid_pdrop", P), ("embd_pdrop", P)))

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import tp
-import tp.testing.models
 import tp.checks.sizes
+import tp.testing.models
 from tp.styles import STYLES, StyleSpec
 
 

@@ -21,7 +21,7 @@ FAMILIES = sorted(name for name, f in tp.load_registry().families.items() if f.m
 
 # Yuan's localized filtering runs replicated inside attention; DTensor sums the partial gradient
 # at its output once more in the backward (registry.toml, family yuan). Mixtral's packed experts
-# sum the routing weights' gradient for the router (tp/experts.py). Jamba's Mamba layers sum the
+# sum the routing weights' gradient for the router (tp/styles/experts.py). Jamba's Mamba layers sum the
 # gradients of the norms on dt, B and C (3) and its MoE layers the routing weights'.
 EXTRA_BACKWARD = {"yuan": 1, "mixtral": 1, "jamba": 3, "bamba": 3, "zamba2": 5}
 # Bamba's and Zamba2's Mamba-2 mixers have one group: the gated norm gathers its input and gate

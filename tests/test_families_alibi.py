@@ -2,7 +2,7 @@
 
 The bias is built once per forward outside the attention, for all heads (Bloom: ``alibi``
 of ``[batch * heads, 1, kv]``; MPT: ``position_bias`` of ``[heads, 1, max_seq_len]``). The
-``head_input`` style (tp/head_inputs.py) narrows it in a forward pre-hook on the attention.
+``head_input`` style (tp/styles/head_input.py) narrows it in a forward pre-hook on the attention.
 """
 
 import copy
@@ -13,9 +13,9 @@ from torch import nn
 
 import tp
 from tp.errors import PlanError
-from tp.styles.head_input import SliceHeadInput
 from tp.sharding.heads import Heads
 from tp.styles import StyleSpec
+from tp.styles.head_input import SliceHeadInput
 
 
 def _check(result):

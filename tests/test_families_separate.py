@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import tp
-import tp.testing.models
 import tp.checks.report
 import tp.checks.sizes
+import tp.testing.models
 from tp.sharding.heads import Heads
 from tp.styles import StyleSpec
 

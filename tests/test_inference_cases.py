@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import tp
-from tp.testing.census import tiny_model
 from tp.plan.structure import find_blocks
+from tp.testing.census import tiny_model
 
 
 def _verify(model_type: str, pool, size: int = 2):

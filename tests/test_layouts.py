@@ -17,8 +17,8 @@ import tp
 import tp.testing.launch
 from tp.errors import PlanError
 from tp.sharding.heads import Heads
-from tp.styles.layout import ColwiseLayout, RowwiseLayout, build_layout
 from tp.sharding.layouts import Layout, Part
+from tp.styles.layout import ColwiseLayout, RowwiseLayout, build_layout
 
 GQA = Heads(q=8, kv=2, dim=4)
 

@@ -1,5 +1,5 @@
 """ALLREDUCE_LINEAR_ITEMS / KEEP_LINEAR_ITEMS overrides and their precedence, as documented in
-tp/overrides.py and tp/plan.py: arguments > environment > config file > family plan > inferred.
+tp/plan/overrides.py, tp/plan/family.py and tp/resolve.py: arguments > environment > config file > family plan > inferred.
 
 Plans are resolved with ``tp.resolve`` on the meta device; one test shards for real on 2 ranks."""
 

@@ -14,12 +14,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.debug import CommDebugMode
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    parallelize_module,
+)
 
 from tp.sharding.gather import full_tensor
 from tp.styles.gathered_norm import GatheredNorm
-from tp.styles.shard_rows import ShardRows
 from tp.styles.linear import RowwiseIntoSharded
+from tp.styles.shard_rows import ShardRows
 
 WIDTH, HEADS = 16, 4
 

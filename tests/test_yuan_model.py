@@ -1,4 +1,4 @@
-"""tp.modeling_yuan against formulas written out independently from the Yuan 2.0 notes
+"""tp.models.yuan against formulas written out independently from the Yuan 2.0 notes
 (/work/shared/notes/yuan.md): the shared-qk head layout, the localized filtering closed
 form, the MLP with the activation on up_proj, the HF parameter names and shapes, and the
 transformers integration (Auto classes, loss, save/load, cache, generate)."""

@@ -4,8 +4,8 @@ from . import checkpoint, random  # noqa: F401  (tp.checkpoint.dcp, tp.random.se
 from .apply import apply
 from .checkpoint import dcp, from_pretrained, load, save_pretrained
 from .errors import (
-    CheckpointError,
     AlreadyShardedError,
+    CheckpointError,
     MeshError,
     PlanError,
     RegistryError,

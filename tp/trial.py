@@ -19,7 +19,14 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from .checks import sizes
-from .checks.compare import GRAD_RTOL, LOGITS_ATOL, for_checking, gradient_errors, logits_error, token_ids
+from .checks.compare import (
+    GRAD_RTOL,
+    LOGITS_ATOL,
+    for_checking,
+    gradient_errors,
+    logits_error,
+    token_ids,
+)
 from .errors import PlanError
 from .infer.plan import is_end_unit
 from .plan.resolved import ResolvedPlan
@@ -33,7 +40,7 @@ class TrialResult:
     reason: str = ""
 
 
-def _inputs(model: nn.Module):
+def trial_inputs(model: nn.Module):
     ids = token_ids(model, (2, 8), torch.Generator().manual_seed(1))
     return ids.to(model.get_input_embeddings().weight.device)
 
@@ -48,7 +55,7 @@ def run_trial(twin: nn.Module, mesh: DeviceMesh, units: set[str], options: dict)
     the unsharded copy (logits, every gradient)."""
     reference = for_checking(copy.deepcopy(twin).float())
     sharded = copy.deepcopy(reference)
-    ids = _inputs(reference)
+    ids = trial_inputs(reference)
     try:
         shard(sharded, mesh, resolve_units(sharded, units=units, **options))
     except Exception as e:  # sizes that do not divide, a style that does not fit the module

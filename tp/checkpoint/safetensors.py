@@ -179,7 +179,7 @@ def _global_shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _progress(enabled: bool | None):
+def progress_reporter(enabled: bool | None):
     import torch.distributed as dist
 
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -211,7 +211,7 @@ def load(model: nn.Module, checkpoint_dir: str | os.PathLike, *, progress: bool 
                               f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     handles: dict[Path, object] = {}
     loaded: dict[str, torch.Tensor] = {}
-    update = _progress(progress)
+    update = progress_reporter(progress)
     with contextlib.ExitStack() as stack:
         for done, (name, param) in enumerate(params, 1):
             path = files[name]

@@ -22,6 +22,7 @@ the unsharded model before it is trusted.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -137,7 +138,7 @@ def trace_blocks(model: nn.Module, blocks: list[str], run) -> dict[tuple, BlockF
     flows: dict[tuple, BlockFlow] = {}
     handles = []
     for signature, path in firsts.items():
-        handles += _hook_block(model.get_submodule(path), signature, flows)
+        handles += _BlockTracer(model.get_submodule(path), signature, flows).handles
     try:
         with torch.no_grad():
             run()
@@ -149,69 +150,67 @@ def trace_blocks(model: nn.Module, blocks: list[str], run) -> dict[tuple, BlockF
     return {block_signature(model.get_submodule(firsts[signature])): flow for signature, flow in flows.items()}
 
 
-def _hook_block(block: nn.Module, signature: tuple, flows: dict) -> list:
-    params = {id(p): name for name, p in block.named_parameters()}
-    nodes: dict[str, Node] = {}
-    node_outputs: dict[int, str] = {}
-    state: dict[str, _Labeller] = {}
-    handles = []
+class _BlockTracer:
+    """Hooks on one block and its linears and experts that record the block's dataflow once per
+    block structure (``signature``) into ``flows``: which labels each node reads, and which
+    nodes feed the block's output (the residual stream)."""
 
-    def enter(module, args, kwargs):
-        if signature in flows or "mode" in state:
+    def __init__(self, block: nn.Module, signature: tuple, flows: dict):
+        self.signature, self.flows = signature, flows
+        self.params = {id(p): name for name, p in block.named_parameters()}
+        self.nodes: dict[str, Node] = {}
+        self.node_outputs: dict[int, str] = {}
+        self.labeller: _Labeller | None = None  # set while the block's forward runs
+        self.handles = [block.register_forward_pre_hook(self.enter, with_kwargs=True),
+                        block.register_forward_hook(self.leave, with_kwargs=True, always_call=True)]
+        for path, module in block.named_modules():
+            kind = "linear" if isinstance(module, LINEAR_TYPES) else "experts" if is_packed_experts(module) else None
+            if kind:
+                before, after = partial(self.before_node, path, kind), partial(self.after_node, path)
+                self.handles += [module.register_forward_pre_hook(before, with_kwargs=True),
+                                 module.register_forward_hook(after, with_kwargs=True)]
+
+    def enter(self, module, args, kwargs):
+        if self.signature in self.flows or self.labeller is not None:
             return
-        labeller = _Labeller(params, node_outputs)
+        self.labeller = _Labeller(self.params, self.node_outputs)
         hidden = _first_tensor(args, kwargs)
         if hidden is not None:
-            labeller.set_label(hidden, {STREAM})
-        state["mode"] = labeller
-        labeller.__enter__()
+            self.labeller.set_label(hidden, {STREAM})
+        self.labeller.__enter__()
 
-    def leave(module, args, kwargs, output):
-        labeller = state.pop("mode", None)
+    def leave(self, module, args, kwargs, output):
+        labeller, self.labeller = self.labeller, None
         if labeller is None:
             return
         labeller.__exit__(None, None, None)
         hidden = output[0] if isinstance(output, (tuple, list)) else output
         out_labels = labeller.label_of(hidden) if isinstance(hidden, torch.Tensor) else frozenset()
         for path, split in labeller.splits.items():
-            nodes[path].split = split
-        flows[signature] = BlockFlow(
-            nodes=dict(nodes),
+            self.nodes[path].split = split
+        self.flows[self.signature] = BlockFlow(
+            nodes=dict(self.nodes),
             feeds_stream={label[5:] for label in out_labels if label.startswith("node:")},
             params_met=labeller.params_met,
         )
 
-    def node_hooks(path: str, kind: str):
-        def before(module, args, kwargs):
-            labeller = state.get("mode")
-            if labeller is None:
-                return
-            node = nodes.setdefault(path, Node(path, kind))
-            chosen = [_first_tensor(args, kwargs)] if kind == "linear" else \
-                [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            for t in chosen:
-                if t is not None:
-                    node.inputs |= {label for label in labeller.label_of(t) if not label.startswith("param:")}
+    def before_node(self, path: str, kind: str, module, args, kwargs):
+        if self.labeller is None:
+            return
+        node = self.nodes.setdefault(path, Node(path, kind))
+        chosen = [_first_tensor(args, kwargs)] if kind == "linear" else \
+            [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        for t in chosen:
+            if t is not None:
+                node.inputs |= {label for label in self.labeller.label_of(t) if not label.startswith("param:")}
 
-        def after(module, args, kwargs, output):
-            labeller = state.get("mode")
-            if labeller is None:
-                return
-            for t in pytree.tree_leaves(output):
-                if isinstance(t, torch.Tensor):
-                    labeller.set_label(t, {f"node:{path}"})
-                    node_outputs[id(t)] = path
-        return before, after
-
-    handles.append(block.register_forward_pre_hook(enter, with_kwargs=True))
-    handles.append(block.register_forward_hook(leave, with_kwargs=True, always_call=True))
-    for path, module in block.named_modules():
-        kind = "linear" if isinstance(module, LINEAR_TYPES) else "experts" if is_packed_experts(module) else None
-        if kind:
-            before, after = node_hooks(path, kind)
-            handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-            handles.append(module.register_forward_hook(after, with_kwargs=True))
-    return handles
+    def after_node(self, path: str, module, args, kwargs, output):
+        if self.labeller is None:
+            return
+        for t in pytree.tree_leaves(output):
+            if isinstance(t, torch.Tensor):
+                self.labeller.set_label(t, {f"node:{path}"})
+                self.node_outputs[id(t)] = path
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 The trace runs on a *twin*: the model itself when it is small and on a real device, else a
 tiny model of the same type built from its config. Each block structure's units
-(``tp/dataflow.py``) become plan decisions for every block of that structure in the model.
+(``tp/infer/dataflow.py``) become plan decisions for every block of that structure in the model.
 Every unit carries a key (block class, row-parallel module) so that ``tp/trial.py`` can try
 units one by one and drop those that do not reproduce the unsharded model.
 """
@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .dataflow import Unit, block_signature, plan_block, trace_blocks
 from ..patterns import matches
 from ..plan.structure import find_blocks
 from ..sharding.heads import Heads, heads_of
 from ..styles import StyleSpec
 from ..styles.experts import expert_layouts
+from .dataflow import Unit, block_signature, plan_block, trace_blocks
 
 TWIN_MAX_PARAMS = 50_000_000  # larger models are traced through a tiny model of the same type
 TRACE_TOKENS = 8
@@ -192,7 +192,6 @@ def _styles(block: nn.Module, block_name: str, unit: Unit, heads: Heads | None) 
     return InferredUnit(key, styles, _local_heads(block, unit, heads))
 
 
-HEAD_COUNT_NAMES = ("head", "group")
 FEATURE_NAMES = ("embed_dim", "all_head_size", "inner_dim", "hidden_size_per_partition")
 
 

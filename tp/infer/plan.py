@@ -83,7 +83,7 @@ def infer_from_dataflow(model: nn.Module, registry: Registry, decisions: dict[st
                         problems: list[str], inference: Inference | None = None,
                         units: set[str] | None = None
                         ) -> tuple[Inference, dict[str, str], dict[str, list[str]]] | None:
-    """Fill ``decisions`` from the traced dataflow (``tp/inference.py``), labelled with the source
+    """Fill ``decisions`` from the traced dataflow (``tp/infer/inference.py``), labelled with the source
     that decided: the trace alone, or a transformers plan that says the same. Returns the
     inference, the head-count attributes to set, and each unit's module paths; None when the
     model cannot be traced."""

@@ -64,6 +64,13 @@ class Site:
     plain_input: bool = True  # no shared block input (``block_input``) replicates its input once
 
 
+class PlainStyle(ParallelStyle):
+    """A ParallelStyle that takes no arguments; it prints as its constructor call."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
 def _no_dims(site: Site) -> dict[str, int]:
     return {}
 

@@ -16,13 +16,12 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate
-from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..errors import SizeError
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_local_params, local_of, take_back_params
 from ..sharding.tags import place_parameter
-from .descriptor import Act, Style
+from .descriptor import Act, PlainStyle, Style
 
 # parameter -> (dimension holding the intermediate features, parts packed along it)
 EXPERT_PARAMS = {"gate_up_proj": (1, 2), "down_proj": (2, 1)}
@@ -43,7 +42,7 @@ def expert_layouts(module: nn.Module) -> dict[str, tuple[Layout, int]]:
     return found
 
 
-class PackedExperts(ParallelStyle):
+class PackedExperts(PlainStyle):
     """Shard every expert of a packed experts module on its intermediate features.
 
     ``gate_up_proj`` keeps, for each expert, this rank's slice of the gate rows and of the up
@@ -90,9 +89,6 @@ class PackedExperts(ParallelStyle):
             return None
         total = DTensor.from_local(output, device_mesh, [Partial()], run_check=False)
         return total.redistribute(device_mesh, [Replicate()]).to_local()
-
-    def __repr__(self) -> str:
-        return "PackedExperts()"
 
 
 # The expert outputs' all-reduce; the routing weights' gradient, and a plain input's.

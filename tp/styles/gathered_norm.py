@@ -15,14 +15,13 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
-from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..sharding.collectives import f
 from ..sharding.lending import lend_local_params, take_back_params
-from .descriptor import Act, Style
+from .descriptor import Act, PlainStyle, Style
 
 
-class GatheredNorm(ParallelStyle):
+class GatheredNorm(PlainStyle):
     """Run a norm on the all-gathered last dimension of its column-sharded input; keep this
     rank's equal slice of its output.
 
@@ -61,9 +60,6 @@ class GatheredNorm(ParallelStyle):
         module.register_forward_pre_hook(gather)
         module.register_forward_hook(keep_own, always_call=True)
         return module
-
-    def __repr__(self) -> str:
-        return "GatheredNorm()"
 
 
 # An all-gather; in the backward a reduce-scatter and an all-reduce per parameter.

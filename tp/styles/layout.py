@@ -2,7 +2,7 @@
 
 torch's ColwiseParallel shards a weight's output rows contiguously, which is wrong for a
 fused ``qkv_proj`` or ``gate_up_proj``, and it knows only ``nn.Linear``. These styles take
-the rows each rank holds from a ``Layout`` (see tp/layouts.py), work for ``nn.Linear`` and
+the rows each rank holds from a ``Layout`` (see tp/sharding/layouts.py), work for ``nn.Linear`` and
 GPT-2's ``Conv1D`` (weight stored ``[in, out]``) and ``nn.Conv1d``/``nn.Conv2d`` (channels;
 pytorch#133221), and run the module on local shards:
 

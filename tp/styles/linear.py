@@ -13,11 +13,22 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+)
 
 from ..sharding.collectives import f
 from .descriptor import Act, Args, LayoutMap, Site, Style
-from .layout import CONVOLUTIONS, UNITS, ColwiseLayout, Conv1D, LayoutParallel, RowwiseLayout
+from .layout import (
+    CONVOLUTIONS,
+    UNITS,
+    ColwiseLayout,
+    Conv1D,
+    LayoutParallel,
+    RowwiseLayout,
+)
 
 
 class OwnedRowwiseParallel(RowwiseParallel):

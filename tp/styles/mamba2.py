@@ -15,18 +15,18 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
+from torch.distributed.tensor.parallel import parallelize_module
 
 from ..errors import SizeError
 from ..sharding.collectives import sum_replicated_grad
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_during_forward, lend_local_params, local_of
 from ..sharding.tags import LocalShard, place_parameter
+from .descriptor import Act, PlainStyle, Site, Style
 from .gathered_norm import GatheredNorm
 from .layout import ColwiseLayout
 from .linear import OwnedRowwiseParallel
 from .shard_rows import ShardRows
-from .descriptor import Act, Style
 
 # the mixer's attributes that hold sizes, and the parameters the mixer reads directly
 SIZES = ("num_heads", "head_dim", "n_groups", "ssm_state_size", "intermediate_size")
@@ -61,11 +61,12 @@ def mixer_layouts(mixer: nn.Module) -> dict[str, tuple[Layout, int]]:
     return found
 
 
-def mixer_collectives(mixer: nn.Module, tp: int) -> tuple[int, int]:
+def mixer_collectives(site: Site) -> tuple[int, int]:
     """(forward, backward) collectives of one sharded mixer: out_proj's all-reduce and in_proj's
     input gradient; with fewer groups than ranks also the norm's two all-gathers (input and gate)
     and their reduce-scatters, its weight's gradient, and the replicated B and C rows' gradients
     of in_proj and conv1d (one all-reduce per parameter)."""
+    mixer, tp = site.module, site.tp
     if mixer.n_groups % tp == 0:
         return 1, 1
     replicated = sum(p is not None for p in (mixer.in_proj.weight, mixer.in_proj.bias,
@@ -84,7 +85,7 @@ class _ColwiseWith(ColwiseLayout):
         return {name: (self.layout, 0) for name in ("weight", "bias") if getattr(module, name, None) is not None}
 
 
-class Mamba2Mixer(ParallelStyle):
+class Mamba2Mixer(PlainStyle):
     """Shard a transformers Mamba-2 mixer by heads and groups (see the module docstring).
 
     ``num_heads`` must divide by the tensor-parallel size, and ``n_groups`` either divide by it or
@@ -135,12 +136,9 @@ class Mamba2Mixer(ParallelStyle):
         channels = local_of(module.conv1d.weight).shape[0]
         module.conv_dim = module.conv1d.in_channels = module.conv1d.out_channels = module.conv1d.groups = channels
 
-    def __repr__(self) -> str:
-        return "Mamba2Mixer()"
-
 
 MAMBA2_MIXER = Style(
     name="mamba2_mixer", build=lambda site: Mamba2Mixer(),
     doc="a Mamba-2 mixer split by heads and groups: in_proj, conv1d and the scan per rank, out_proj row-parallel",
     reads=Act.REPLICATED, leaves=Act.REPLICATED, layouts=lambda site: mixer_layouts(site.module),
-    collectives=lambda site: mixer_collectives(site.module, site.tp))
+    collectives=mixer_collectives)

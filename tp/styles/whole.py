@@ -10,10 +10,10 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_module
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..errors import PlanError
-from .descriptor import Act, Args, Style
+from .descriptor import Act, Args, PlainStyle, Style
 
 
-class KeepWhole(ParallelStyle):
+class KeepWhole(PlainStyle):
     """Keep a module whole on every rank: its parameters stay plain tensors, no communication.
 
     Inside a block whose input was replicated as a DTensor (see ``ReplicateBlockInput``), the
@@ -28,9 +28,6 @@ class KeepWhole(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         module.register_forward_pre_hook(_inputs_to_local, with_kwargs=True)
         return module
-
-    def __repr__(self) -> str:
-        return "KeepWhole()"
 
 
 def _inputs_to_local(module, args, kwargs):
@@ -95,7 +92,7 @@ class ReplicateBlockInput(ParallelStyle):
         return f"ReplicateBlockInput(kwarg={self.kwarg!r})"
 
 
-class ReplicatedRegion(ParallelStyle):
+class ReplicatedRegion(PlainStyle):
     """Run a module whole on every rank, on replicated DTensors, inside a tensor-parallel block.
 
     For a module that reads the replicated block input and feeds column-parallel linears (Yuan's
@@ -117,9 +114,6 @@ class ReplicatedRegion(ParallelStyle):
 
         # With no partition function, distribute_module replicates every parameter.
         return distribute_module(module, device_mesh, input_fn=input_fn)
-
-    def __repr__(self) -> str:
-        return "ReplicatedRegion()"
 
 
 class BlockInputArgs(Args):

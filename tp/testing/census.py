@@ -1,7 +1,7 @@
 """``python -m tp census``: every causal-LM type of the installed transformers, sharded and checked.
 
 For each model type in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``: build a tiny random model
-(``tp/tiny.py``) on CPU; if it builds and runs, shard it with ``tp.apply`` and no user
+(``tp/infer/tiny.py``) on CPU; if it builds and runs, shard it with ``tp.apply`` and no user
 configuration at TP=2, and at TP=4 where its sizes allow, and compare forward and backward
 with the unsharded model (``tp.verify``). The result is a markdown table, one row per type,
 written to ``docs/coverage.md``.
@@ -50,7 +50,7 @@ class Row:
         return "refused" if status == "n/a" else status
 
 
-def _builds(model_type: str) -> str | None:
+def build_problem(model_type: str) -> str | None:
     """None if a tiny model of this type builds and runs forward and backward on CPU, else why not."""
     import torch
 
@@ -107,7 +107,7 @@ def _verify(model_type: str, tp: int, pool: WorkerPool):
 
 def census_row(model_type: str, pools: dict[int, WorkerPool], sizes_: tuple[int, ...] = SIZES) -> Row:
     row = Row(model_type)
-    why_not = _builds(model_type)
+    why_not = build_problem(model_type)
     if why_not:
         row.note = why_not
         return row
@@ -161,7 +161,7 @@ def render(rows: list[Row], transformers_version: str, seconds: float) -> str:
         "# Coverage: every causal-LM type of transformers, sharded with no configuration",
         "",
         f"Written by `python -m tp census` (transformers {transformers_version}, {seconds / 60:.0f} min on 2 CPU cores).",
-        "Each tiny random model (`tp/tiny.py`) is sharded with `tp.apply(model, mesh)` and nothing else, over",
+        "Each tiny random model (`tp/infer/tiny.py`) is sharded with `tp.apply(model, mesh)` and nothing else, over",
         "CPU gloo processes, and compared with the unsharded model: logits max abs diff <= 1e-5, every",
         "gradient <= 1e-4 relative, gathered parameters bit-exact, collectives as the plan predicts.",
         "",

@@ -41,7 +41,7 @@ class CollectiveCounter(CommDebugMode):
     def counts(self) -> Counter:
         counts = Counter()
         for op, n in self.get_comm_counts().items():
-            counts[_short(op)] += n
+            counts[short_name(op)] += n
         return counts
 
 
@@ -50,6 +50,6 @@ _C10D_NAMES = {"allreduce_": "all_reduce", "allgather_": "all_gather", "reduce_s
                "broadcast_": "broadcast"}
 
 
-def _short(op) -> str:
+def short_name(op) -> str:
     name = str(op).split(".")[-1].removesuffix("_into_tensor").removesuffix("_tensor")
     return _C10D_NAMES.get(name, name)
