@@ -6,6 +6,11 @@ an evenly sharded DTensor (or, for kv heads replicated over ranks, a replicated 
 checkpoint does not depend on the TP size it was written at. Everything else is stored under
 its own name as the model holds it.
 
+``save`` writes into a temporary directory and swaps it in whole, as ``tp.save_pretrained``
+does (``atomic.py``; every rank writes into rank 0's temporary directory, so ranks on several
+hosts need a file system they share, as a DCP checkpoint directory does anyway). Failures are
+one ``tp.CheckpointError`` on every rank, its first cause in one line.
+
 Example::
     >>> tp.dcp.save(model, "ckpt")        # at TP=2
     >>> tp.dcp.load(other_model, "ckpt")  # at TP=4, or TP=1 (a 1-rank mesh)
@@ -13,16 +18,23 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from ..errors import CheckpointError
 from ..sharding.layouts import Layout
 from ..sharding.tags import LocalShard, layout_of
+from .atomic import save_directory
+from .files import existing_directory
+from .ranks import ENTRY_TIMEOUT_S, agree, one_line
 
 
 @dataclass
@@ -72,32 +84,76 @@ def state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[_Split]]
     return state, splits
 
 
-def save(model: nn.Module, checkpoint_id: str | os.PathLike) -> None:
-    """Save a sharded model with torch.distributed.checkpoint (a collective: call it on every rank)."""
+DCP_FILE = re.compile(r"^(\.metadata|.*\.distcp)$")
+
+
+def is_dcp_file(name: str) -> bool:
+    """A file of a DCP checkpoint, which a new save replaces (other files in the directory are kept)."""
+    return DCP_FILE.match(name) is not None
+
+
+@contextlib.contextmanager
+def dcp_errors(directory: Path):
+    """torch.distributed.checkpoint's CheckpointException (a BaseException holding every rank's
+    traceback) as a ``CheckpointError``: the first failing rank's cause, in one line."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        rank, (cause, _) = min(e.failures.items(), key=lambda item: item[0])
+        raise CheckpointError(f"{directory}: torch.distributed.checkpoint failed on rank {rank}: "
+                              f"{one_line(cause)}") from None
+
+
+def save(model: nn.Module, checkpoint_id: str | os.PathLike, *, timeout: float = ENTRY_TIMEOUT_S) -> None:
+    """Save a sharded model with torch.distributed.checkpoint, replacing ``checkpoint_id`` whole.
+
+    A collective: call it on every rank (a call on only some ranks is refused after ``timeout``
+    seconds, not hung).
+    """
     import torch.distributed.checkpoint as dcp
 
-    state, _ = state_dict(model)
-    dcp.save(state, checkpoint_id=checkpoint_id)
+    def write(temporary: Path) -> None:
+        state, _ = state_dict(model)  # gathers replicated kv parts: a collective, so after every rank entered
+        with dcp_errors(Path(checkpoint_id)):
+            dcp.save(state, checkpoint_id=temporary)
+
+    save_directory("tp.dcp.save", checkpoint_id, write, replaced=is_dcp_file, timeout=timeout)
 
 
 def load(model: nn.Module, checkpoint_id: str | os.PathLike) -> None:
-    """Load a DCP checkpoint written by ``save`` at any TP size into a model sharded at any TP size."""
+    """Load a DCP checkpoint written by ``save`` at any TP size into a model sharded at any TP size.
+
+    A collective: call it on every rank; it succeeds on every rank or raises the same error on every rank.
+    """
     import torch.distributed.checkpoint as dcp
 
     state, splits = state_dict(model)
-    dcp.load(state, checkpoint_id=checkpoint_id)
+
+    def read() -> None:
+        directory = existing_directory(checkpoint_id)
+        with dcp_errors(directory):
+            dcp.load(state, checkpoint_id=directory)
+
+    agree(read, what=f"tp.dcp.load({checkpoint_id})")
     for split in splits:
-        mesh = split.shard.mesh
-        tp_rank = (mesh.size(), mesh.get_local_rank())
-        pieces = []
-        for part, loaded in zip(split.shard.layout.parts, split.parts):
-            local = loaded.to_local()
-            if part.units < tp_rank[0]:  # the whole part: keep this rank's unit
-                unit = part.local_units(*tp_rank)[0]
-                local = local.narrow(split.shard.dim, unit * part.unit_rows, part.unit_rows)
-            pieces.append(local)
-        target = split.param.to_local() if isinstance(split.param, DTensor) else split.param
-        with torch.no_grad():
-            target.copy_(torch.cat(pieces, dim=split.shard.dim))
+        _put_back(split)
     if dist.is_initialized():
         dist.barrier()
+
+
+def _put_back(split: _Split) -> None:
+    """Copy a parameter's loaded parts into it: this rank's rows of each, in the layout's order."""
+    mesh = split.shard.mesh
+    tp_rank = (mesh.size(), mesh.get_local_rank())
+    pieces = []
+    for part, loaded in zip(split.shard.layout.parts, split.parts):
+        local = loaded.to_local()
+        if part.units < tp_rank[0]:  # the whole part: keep this rank's unit
+            unit = part.local_units(*tp_rank)[0]
+            local = local.narrow(split.shard.dim, unit * part.unit_rows, part.unit_rows)
+        pieces.append(local)
+    target = split.param.to_local() if isinstance(split.param, DTensor) else split.param
+    with torch.no_grad():
+        target.copy_(torch.cat(pieces, dim=split.shard.dim))

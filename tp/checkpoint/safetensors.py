@@ -2,20 +2,21 @@
 
 ``from_pretrained`` builds the model with its parameters on the meta device (no memory),
 shards it with ``tp.apply``, then ``load`` reads for every parameter only the rows this rank
-holds (its byte ranges of the safetensors files, read with ``os.pread``), whatever the layout: contiguous shards, strided parts
-(fused qkv, packed gate_up, Yuan's v/o halves), replicated kv heads, tied embeddings. A rank
-never holds more than its shards. ``save_pretrained`` gathers the parameters one by one and
-writes an ordinary Hugging Face checkpoint from rank 0.
+holds (its byte ranges of the safetensors files, read with ``os.pread``, after their headers
+are validated in ``files.py``), whatever the layout: contiguous shards, strided parts (fused
+qkv, packed gate_up, Yuan's v/o halves), replicated kv heads, tied embeddings. A rank never
+holds more than its shards, and every rank gets the same outcome (``ranks.py``).
+``save_pretrained`` gathers the parameters one by one and writes an ordinary Hugging Face
+checkpoint from rank 0, swapped in whole (``atomic.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
-import struct
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,9 +29,13 @@ from ..errors import CheckpointError
 from ..sharding.gather import full_state_dict
 from ..sharding.tags import copy_tags, local_shard_of, local_shard_parameter
 from ..sharding.ties import retie, tied_groups
+from .atomic import save_directory
+from .files import DTYPES, INDEX_FILE, SINGLE_FILE, SafetensorsFile, checkpoint_files, existing_directory, opened
+from .files import is_weights_file
+from .ranks import ENTRY_TIMEOUT_S, agree, one_line, world
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+__all__ = ["DTYPES", "INDEX_FILE", "SINGLE_FILE", "SafetensorsFile", "checkpoint_files", "from_pretrained", "load",
+           "parameters_on_meta", "progress_reporter", "save_pretrained"]
 
 
 @contextlib.contextmanager
@@ -49,108 +54,6 @@ def parameters_on_meta():
         yield
     finally:
         nn.Module.register_parameter = register
-
-
-def checkpoint_files(directory: str | os.PathLike) -> dict[str, Path]:
-    """Tensor name -> the safetensors file that holds it (single file or indexed shards)."""
-    directory = Path(directory)
-    if (directory / INDEX_FILE).is_file():
-        weight_map = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
-        return {name: directory / file for name, file in weight_map.items()}
-    if (directory / SINGLE_FILE).is_file():
-        with _opened(directory / SINGLE_FILE) as f:
-            return dict.fromkeys(f.keys(), directory / SINGLE_FILE)
-    raise CheckpointError(f"{directory}: no {SINGLE_FILE} nor {INDEX_FILE}; tp loads safetensors checkpoints "
-                          "(save one with save_pretrained(..., safe_serialization=True))")
-
-
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
-
-
-class SafetensorsFile:
-    """A safetensors file read with ``os.pread`` into fresh tensors, never memory-mapped.
-
-    A memory map (``safe_open``) makes the pages a rank touches part of its RSS, and the slice
-    of a column-sharded weight touches nearly every page of the tensor; reading only this
-    rank's byte ranges keeps its memory at its own rows.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY)
-            (length,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
-            self.header = json.loads(os.pread(self.fd, length, 8))
-        except (OSError, struct.error, ValueError) as e:
-            raise CheckpointError(f"cannot read {path}: {e} (truncated, or not a safetensors file?)") from e
-        self.header.pop("__metadata__", None)
-        self.base = 8 + length
-
-    def keys(self) -> list[str]:
-        return list(self.header)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.header[name]["shape"])
-
-    def dtype(self, name: str) -> torch.dtype:
-        code = self.header[name]["dtype"]
-        if code not in DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {name} has dtype {code}, which tp cannot read")
-        return DTYPES[code]
-
-    def read(self, name: str, dim: int | None, rows: list[int] | None) -> torch.Tensor:
-        """The tensor, or only ``rows`` along ``dim``, one contiguous run of bytes at a time."""
-        shape, dtype = list(self.shape(name)), self.dtype(name)
-        start = self.base + self.header[name]["data_offsets"][0]
-        if dim is None:
-            dim, rows = 0, list(range(shape[0])) if shape else []
-        if not shape:  # a scalar
-            return self._bytes_to_tensor(start, torch.empty((), dtype=dtype), name)
-        outer = math.prod(shape[:dim])
-        inner = math.prod(shape[dim + 1:]) * torch.empty((), dtype=dtype).element_size()
-        out = torch.empty(shape[:dim] + [len(rows)] + shape[dim + 1:], dtype=dtype)
-        buffer = memoryview(out.view(torch.uint8).numpy()).cast("B") if out.numel() else memoryview(b"")
-        position, runs = 0, _runs(rows)
-        for o in range(outer):
-            for first, end in runs:
-                size = (end - first) * inner
-                got = os.preadv(self.fd, [buffer[position:position + size]],
-                                start + (o * shape[dim] + first) * inner)
-                if got != size:
-                    raise CheckpointError(f"cannot read {self.path}: the file ends inside tensor {name} "
-                                          f"(truncated?); it holds {name}")
-                position += size
-        return out
-
-    def _bytes_to_tensor(self, offset: int, out: torch.Tensor, name: str) -> torch.Tensor:
-        data = os.pread(self.fd, out.element_size(), offset)
-        if len(data) != out.element_size():
-            raise CheckpointError(f"cannot read {self.path}: the file ends inside tensor {name} (truncated?)")
-        return torch.frombuffer(bytearray(data), dtype=out.dtype).reshape(())
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-@contextlib.contextmanager
-def _opened(path: Path):
-    f = SafetensorsFile(path)
-    try:
-        yield f
-    finally:
-        f.close()
-
-
-def _runs(rows: list[int]) -> list[tuple[int, int]]:
-    """Contiguous runs ``[first, end)`` of sorted row indices."""
-    runs, start = [], 0
-    for i in range(1, len(rows) + 1):
-        if i == len(rows) or rows[i] != rows[i - 1] + 1:
-            runs.append((rows[start], rows[i - 1] + 1))
-            start = i
-    return runs
 
 
 def _local_indices(param: torch.Tensor) -> tuple[int | None, list[int] | None]:
@@ -193,23 +96,35 @@ def progress_reporter(enabled: bool | None):
     return update
 
 
-def load(model: nn.Module, checkpoint_dir: str | os.PathLike, *, progress: bool | None = None) -> None:
+def load(model: nn.Module, checkpoint_dir: str | os.PathLike, *, strict: bool = True,
+         progress: bool | None = None) -> None:
     """Fill a model sharded by ``tp.apply`` (parameters on the meta device or not) from a
     safetensors checkpoint, reading on each rank only its own rows.
 
     Every parameter must be in the checkpoint with its unsharded shape (tied parameters once);
-    otherwise CheckpointError names the tensor and the file, before any parameter is replaced.
-    ``progress``: a progress line on rank 0 (default: when stderr is a terminal).
+    a tensor in the checkpoint that the model lacks is an error too (``strict=False``: a
+    warning). Any failure is one ``CheckpointError`` naming the tensor and the file, raised on
+    every rank (the ranks agree on the outcome: a collective, call it on every rank) before any
+    parameter is replaced. ``progress``: a progress line on rank 0 (default: when stderr is a terminal).
     """
-    files = checkpoint_files(checkpoint_dir)
     ties = tied_groups(model)
     tied_aliases = {f"{p}.{n}" if p else n for group in ties for p, n in group[1:]}
     params = [(name, p) for name, p in model.named_parameters(remove_duplicate=False) if name not in tied_aliases]
-    missing = [name for name, _ in params if name not in files]
-    if missing:
-        raise CheckpointError(f"{checkpoint_dir}: the checkpoint lacks {len(missing)} tensor(s) the model needs: "
-                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    handles: dict[Path, object] = {}
+    loaded = agree(lambda: _read_own_rows(model, params, checkpoint_dir, strict, progress),
+                   what=f"tp.load({checkpoint_dir})")
+    for name, param in params:
+        module_path, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_path)
+        module.register_parameter(attr, _materialize(param, loaded.pop(name)))
+    retie(model, ties)
+
+
+def _read_own_rows(model: nn.Module, params: list[tuple[str, torch.Tensor]], checkpoint_dir, strict: bool,
+                   progress: bool | None) -> dict[str, torch.Tensor]:
+    """Parameter name -> this rank's rows of it, read from the checkpoint after checking its names."""
+    files = checkpoint_files(checkpoint_dir)
+    _check_names(model, [name for name, _ in params], files, checkpoint_dir, strict)
+    handles: dict[Path, SafetensorsFile] = {}
     loaded: dict[str, torch.Tensor] = {}
     update = progress_reporter(progress)
     with contextlib.ExitStack() as stack:
@@ -217,28 +132,51 @@ def load(model: nn.Module, checkpoint_dir: str | os.PathLike, *, progress: bool 
             path = files[name]
             if path not in handles:
                 try:
-                    handles[path] = stack.enter_context(_opened(path))
+                    handles[path] = stack.enter_context(opened(path))
                 except CheckpointError as e:
                     raise CheckpointError(f"{e}; it holds {name}") from e
-            f = handles[path]
-            if name not in f.header:
-                raise CheckpointError(f"{path}: tensor {name} is not in the file its index names")
-            shape = f.shape(name)
-            if shape != _global_shape(param):
-                raise CheckpointError(f"{path}: tensor {name} has shape {list(shape)}, but the model's is "
-                                      f"{list(_global_shape(param))}; the checkpoint is for another configuration")
-            dim, rows = _local_indices(param)
-            local = f.read(name, dim, rows)
-            if not (local.is_floating_point() or not param.is_floating_point()):
-                raise CheckpointError(f"{path}: tensor {name} is {local.dtype}, which the model's {param.dtype} "
-                                      "parameter cannot take")
-            loaded[name] = local.to(param.dtype)
+            loaded[name] = _read_parameter(handles[path], name, param)
             update(done, len(params), name)
-    for name, param in params:
-        module_path, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_path)
-        module.register_parameter(attr, _materialize(param, loaded.pop(name)))
-    retie(model, ties)
+    return loaded
+
+
+def _check_names(model: nn.Module, needed: list[str], files: dict[str, Path], checkpoint_dir, strict: bool) -> None:
+    """Every parameter in the checkpoint; no tensor in it that the model lacks (unless not ``strict``)."""
+    missing = [name for name in needed if name not in files]
+    if missing:
+        raise CheckpointError(f"{checkpoint_dir}: the checkpoint lacks {len(missing)} tensor(s) the model needs: "
+                              f"{_listed(missing)}; it was saved for another model or configuration")
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    known = set(model.state_dict())
+    extra = [name for name in files if name not in known and not any(p.search(name) for p in ignored)]
+    if not extra:
+        return
+    message = (f"{checkpoint_dir}: the checkpoint holds {len(extra)} tensor(s) the model lacks: {_listed(extra)} "
+               f"(in {files[extra[0]].name}); it was saved for another configuration than its config.json "
+               "describes, or for another model")
+    if strict:
+        raise CheckpointError(f"{message}. Pass strict=False to load the rest and ignore them")
+    if world()[0] == 0:
+        warnings.warn(f"tp: {message}; ignored them (strict=False)", stacklevel=4)
+
+
+def _listed(names: list[str]) -> str:
+    return f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+
+
+def _read_parameter(f: SafetensorsFile, name: str, param: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of ``name`` from its file, checked against the parameter it fills."""
+    if name not in f.header:
+        raise CheckpointError(f"{f.path}: tensor {name} is not in the file its index names")
+    shape = f.shape(name)
+    if shape != _global_shape(param):
+        raise CheckpointError(f"{f.path}: tensor {name} has shape {list(shape)}, but the model's is "
+                              f"{list(_global_shape(param))}; the checkpoint is for another configuration")
+    if param.is_floating_point() and not f.dtype(name).is_floating_point:
+        raise CheckpointError(f"{f.path}: tensor {name} is {f.dtype(name)}, which the model's {param.dtype} "
+                              "parameter cannot take")
+    dim, rows = _local_indices(param)
+    return f.read(name, dim, rows).to(param.dtype)
 
 
 def _materialize(param: torch.Tensor, local: torch.Tensor) -> nn.Parameter:
@@ -254,36 +192,74 @@ def _materialize(param: torch.Tensor, local: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(local, requires_grad=param.requires_grad)
 
 
-def from_pretrained(checkpoint_dir: str | os.PathLike, mesh, *, dtype: torch.dtype = torch.float32,
-                    progress: bool | None = None, **apply_kwargs) -> nn.Module:
+def from_pretrained(checkpoint_dir: str | os.PathLike, mesh, *, dtype: torch.dtype | None = None,
+                    strict: bool = True, progress: bool | None = None, **apply_kwargs) -> nn.Module:
     """Build, shard and load a Hugging Face causal LM without ever holding it whole.
+
+    ``dtype``: the parameters' dtype; by default the checkpoint's, as transformers 5 chooses
+    it (``dtype``/``torch_dtype`` in config.json, else the first floating-point tensor's).
 
     Example::
         >>> mesh = init_device_mesh("cuda", (8,))
-        >>> model = tp.from_pretrained("path/to/llama", mesh, dtype=torch.bfloat16)
+        >>> model = tp.from_pretrained("path/to/llama", mesh)   # bf16 if the checkpoint is
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from .. import models  # noqa: F401  (registers Yuan with the Auto classes)
 
-    config = AutoConfig.from_pretrained(checkpoint_dir, local_files_only=True)
+    config, dtype = agree(lambda: _config_and_dtype(checkpoint_dir, dtype), what=f"tp.from_pretrained({checkpoint_dir})")
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     apply(model, mesh, **apply_kwargs)
-    load(model, checkpoint_dir, progress=progress)
+    load(model, checkpoint_dir, strict=strict, progress=progress)
     return model.eval()
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, **kwargs) -> None:
+def _config_and_dtype(checkpoint_dir, dtype: torch.dtype | None):
+    from transformers import AutoConfig
+
+    directory = existing_directory(checkpoint_dir)
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{directory}: cannot read its config.json: {one_line(e)}") from e
+    return config, dtype or checkpoint_dtype(config, directory)
+
+
+def checkpoint_dtype(config, directory: Path) -> torch.dtype:
+    """The dtype transformers 5 gives a model loaded with ``dtype="auto"`` (its default)."""
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(named, torch.dtype):
+        return named
+    if isinstance(named, str) and named != "auto":
+        if not isinstance(getattr(torch, named, None), torch.dtype):
+            raise CheckpointError(f"{directory}/config.json: dtype {named!r} is not a torch dtype")
+        return getattr(torch, named)
+    files = checkpoint_files(directory)
+    if not files:
+        return torch.float32
+    with opened(sorted(set(files.values()))[0]) as f:
+        dtypes = [f.dtype(name) for name in f.keys()]
+    floating = [d for d in dtypes if d.is_floating_point and d.itemsize > 1]  # float8 cannot be a model's dtype
+    return floating[0] if floating else dtypes[0] if dtypes else torch.float32
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, *, timeout: float = ENTRY_TIMEOUT_S,
+                    **kwargs) -> None:
     """Write a sharded model as an ordinary Hugging Face checkpoint (un-permuted, unpacked).
 
-    A collective: call it on every rank. Parameters are gathered one at a time; rank 0 writes
-    them with the model's own ``save_pretrained`` (so it holds the whole state dict while writing).
+    A collective: call it on every rank (a call on only some ranks is refused after ``timeout``
+    seconds, not hung). Parameters are gathered one at a time; rank 0 writes them with the
+    model's own ``save_pretrained`` (so it holds the whole state dict while writing) into a
+    temporary directory beside ``directory``, then swaps it in whole (``tp/checkpoint/atomic.py``):
+    a crash leaves the old checkpoint or the new one, never a mix. Files in ``directory`` other
+    than an old checkpoint's weights (a tokenizer, a README) are kept.
     """
-    import torch.distributed as dist
+    rank0 = world()[0] == 0
 
-    state = full_state_dict(model)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        model.save_pretrained(directory, state_dict=state, **kwargs)
-    if dist.is_initialized():
-        dist.barrier()
+    def write(temporary: Path) -> None:
+        state = full_state_dict(model)
+        if rank0:
+            model.save_pretrained(temporary, state_dict=state, **kwargs)
+
+    save_directory("tp.save_pretrained", directory, write, replaced=is_weights_file, timeout=timeout)
