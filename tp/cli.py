@@ -43,6 +43,7 @@ def _plan(args) -> int:
     problems, working = sizes.problems(model, resolved, args.tp)
     if problems:
         problems.append(f"TP sizes that divide every sharded size: {', '.join(map(str, working))}")
+    problems = resolved.inconsistencies + problems
     print(report_.build(model, resolved, args.tp, problems))
     return 1 if problems else 0
 

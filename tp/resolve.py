@@ -15,8 +15,9 @@ from typing import TypedDict, Unpack
 
 from torch import nn
 
+from .checks import consistency
 from .errors import PlanError
-from .infer.inference import Inference
+from .infer.inference import Inference, trace
 from .infer.plan import infer_from_dataflow, infer_plan_from_names
 from .plan import overrides as overrides_
 from .plan.family import apply_overrides, derive_block_inputs, family_decisions
@@ -84,7 +85,8 @@ def resolve_units(model: nn.Module, *, family: str | None = None, allreduce=None
             problems.append("the plan was inferred from module names only (the model has no token embedding "
                             "to trace it with); check it with tp.verify(model_factory=...)")
             warnings.warn(problems[-1], stacklevel=3)
-    apply_overrides(model, decisions, overrides_.collect(allreduce, keep, config), strict, problems)
+    overrides = overrides_.collect(allreduce, keep, config)
+    apply_overrides(model, decisions, overrides, strict, problems)
     modules = dict(model.named_modules())
     for path, decision in decisions.items():
         decision.style.check_module(path, modules[path])
@@ -100,11 +102,25 @@ def resolve_units(model: nn.Module, *, family: str | None = None, allreduce=None
         resolved.divide = list(reg.inherited(family, "divide"))
         if resolved.local_counts and heads is None:
             raise PlanError(f"family {family!r} sets local_heads, but the model's config names no heads")
+    if units is None:  # a plan tried unit by unit was checked whole first
+        resolved.inconsistencies = _inconsistencies(model, resolved, {o.source for o in overrides})
     if loss_parallel:
         _with_loss_parallel(resolved)
     if sequence_parallel:
         with_sequence_parallel(resolved, model, reg)
     return resolved
+
+
+def _inconsistencies(model: nn.Module, resolved: ResolvedPlan, overrides: set[str]) -> list[str]:
+    """Where the plan's styles do not fit together (tp/checks/consistency.py); ``tp.apply`` refuses
+    such a plan, ``tp plan`` shows it."""
+    try:
+        found = trace(model)
+    except Exception:  # no twin of this type builds: tp verify (or the trial of an inferred plan) checks it
+        return []
+    if found is None or found.error:
+        return []
+    return consistency.problems(model, resolved, found, overrides)
 
 
 def _with_heads(decision: Decision, heads, model: nn.Module) -> Decision:

@@ -9,6 +9,7 @@ from torch.distributed.tensor.parallel import parallelize_module
 
 from .checks import report as report_
 from .checks import sizes
+from .errors import PlanError
 from .plan.resolved import ResolvedPlan
 from .sharding.heads import set_local_counts
 from .sharding.ties import retie, tied_groups
@@ -17,6 +18,8 @@ from .sharding.ties import retie, tied_groups
 def shard(model: nn.Module, mesh: DeviceMesh, resolved: ResolvedPlan) -> report_.Report:
     """Shard ``model`` in place by ``resolved`` over the 1-D ``mesh``; returns the report."""
     tp = mesh.size()
+    if resolved.inconsistencies:
+        raise PlanError(f"{type(model).__name__}: the plan is inconsistent:\n  " + "\n  ".join(resolved.inconsistencies))
     sizes.check(model, resolved, tp)
     report = report_.build(model, resolved, tp)
     ties = tied_groups(model)

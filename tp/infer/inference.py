@@ -19,7 +19,7 @@ from ..plan.structure import find_blocks
 from ..sharding.heads import Heads, heads_of
 from ..styles import StyleSpec
 from ..styles.experts import expert_layouts
-from .dataflow import Unit, block_signature, plan_block, trace_blocks
+from .dataflow import BlockFlow, Unit, block_signature, plan_block, trace_blocks
 
 TWIN_MAX_PARAMS = 50_000_000  # larger models are traced through a tiny model of the same type
 TRACE_TOKENS = 8
@@ -67,8 +67,19 @@ def _trace_input(model: nn.Module):
     return lambda: model(input_ids=ids[None])
 
 
-def infer(model: nn.Module, blocks: list[str], keep_patterns: list[str]) -> Inference | None:
-    """Trace ``model`` (or its twin) and return its units; None when it cannot be traced."""
+@dataclass
+class Trace:
+    """The dataflow of each block structure of a model, traced on its twin."""
+
+    twin: nn.Module
+    traced: str  # "the model itself" or "a tiny LlamaForCausalLM"
+    flows: dict[tuple, BlockFlow]  # block signature -> what its trace found
+    blocks: list[str]  # the twin's blocks
+    error: str | None = None  # why the twin's forward failed, if it did
+
+
+def trace(model: nn.Module) -> Trace | None:
+    """Trace ``model`` (or its twin); None when it cannot be traced (no twin, no token embedding)."""
     found = _twin(model)
     if found is None:
         return None
@@ -76,16 +87,26 @@ def infer(model: nn.Module, blocks: list[str], keep_patterns: list[str]) -> Infe
     run = _trace_input(twin)
     if run is None:
         return None
-
     twin_blocks = find_blocks(twin)
     was_training = twin.training
     twin.eval()
     try:
         flows = trace_blocks(twin, twin_blocks, run)
-    except Exception as e:  # the twin's own forward failed: nothing to infer from
-        return Inference({}, {}, traced, twin, problems=[f"tracing {traced} failed: {type(e).__name__}: {e}"])
+    except Exception as e:  # the twin's own forward failed
+        return Trace(twin, traced, {}, twin_blocks, f"tracing {traced} failed: {type(e).__name__}: {e}")
     finally:
         twin.train(was_training)
+    return Trace(twin, traced, flows, twin_blocks)
+
+
+def infer(model: nn.Module, blocks: list[str], keep_patterns: list[str]) -> Inference | None:
+    """Trace ``model`` (or its twin) and return its units; None when it cannot be traced."""
+    found = trace(model)
+    if found is None:
+        return None
+    twin, traced, flows, twin_blocks = found.twin, found.traced, found.flows, found.blocks
+    if found.error:  # the twin's own forward failed: nothing to infer from
+        return Inference({}, {}, traced, twin, problems=[found.error])
     heads = heads_of(getattr(twin, "config", None))
     by_signature = {block_signature(twin.get_submodule(b)): b for b in reversed(twin_blocks)}
     units, kept = {}, {}

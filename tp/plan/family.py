@@ -25,6 +25,9 @@ def family_decisions(model: nn.Module, registry: Registry, family: str, strict: 
     """Every module the family's plan matches, with the most specific matching entry."""
     plan = registry.plan(family, model)
     where = f"family {family!r}"
+    if not plan:
+        raise PlanError(f"{where} has an empty plan, so nothing would be sharded; give it a [families.{family}.plan] "
+                        "table, or leave the family out so that the plan is inferred")
     paths = [p for p, _ in model.named_modules() if p]
     decisions, used = {}, set()
     for path in paths:

@@ -33,6 +33,7 @@ class ResolvedPlan:
     local_counts: dict[str, str] = field(default_factory=dict)  # "module_pattern.attr" -> head kind
     divide: list[str] = field(default_factory=list)  # "module_pattern.attr" divided by the TP size
     units: dict[str, list[str]] = field(default_factory=dict)  # inferred unit key -> its module paths
+    inconsistencies: list[str] = field(default_factory=list)  # where the styles' layouts do not fit together
 
     @property
     def sequence_parallel(self) -> bool:

@@ -1,0 +1,97 @@
+"""Plans whose styles do not fit together are refused before anything is sharded, naming the
+module and the override or registry entry that caused it (tp/checks/consistency.py).
+``tp.resolve`` lists the problems (``tp plan`` shows them); ``tp.apply`` refuses."""
+
+import textwrap
+
+import pytest
+
+import tp
+
+CASES = {
+    # override -> (module named, words of the reason)
+    (("keep", "k_proj,v_proj"),): ("model.layers.0.self_attn.k_proj (keep, from argument 'k_proj')",
+                                   "self_attn.q_proj beside it is column-parallel"),
+    (("keep", "o_proj"),): ("model.layers.0.self_attn.o_proj (keep, from argument 'o_proj')",
+                            "reads sharded features from model.layers.0.self_attn.k_proj"),
+    (("keep", "q_proj"),): ("model.layers.0.self_attn.q_proj (keep, from argument 'q_proj')",
+                            "self_attn.k_proj, self_attn.v_proj beside it are column-parallel"),
+    (("keep", "up_proj"),): ("model.layers.0.mlp.up_proj (keep, from argument 'up_proj')",
+                             "keep the whole unit (mlp.down_proj, mlp.gate_proj, mlp.up_proj)"),
+    (("keep", "down_proj"),): ("model.layers.0.mlp.down_proj (keep, from argument 'down_proj')",
+                               "brings sharded features to the residual stream"),
+    (("allreduce", "q_proj"),): ("model.layers.0.self_attn.q_proj (rowwise, from argument 'q_proj')",
+                                 "is row-parallel but reads whole features from the residual stream"),
+    (("allreduce", "gate_proj"),): ("model.layers.0.mlp.gate_proj (rowwise, from argument 'gate_proj')",
+                                    "is row-parallel but reads whole features"),
+    (("allreduce", "*"),): ("model.layers.0.self_attn.k_proj (rowwise, from argument '*')", "row-parallel"),
+    (("allreduce", "lm_head"),): ("lm_head (rowwise, from argument 'lm_head')",
+                                  "outside the repeated blocks its input is whole"),
+}
+
+
+@pytest.mark.parametrize("override", list(CASES), ids=lambda o: "-".join(f"{k}={v}" for k, v in o))
+def test_inconsistent_overrides_are_found_naming_module_and_source(llama_meta, override):
+    module, reason = CASES[override]
+    found = tp.resolve(llama_meta, 2, **dict(override)).inconsistencies
+    assert any(module in line and reason in line for line in found), found
+
+
+def _apply_on_rank(override: dict) -> tuple[str, str]:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tp.testing.models import tiny_model
+
+    model = tiny_model("llama")
+    try:
+        tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)), **override)
+    except tp.TPError as e:
+        return type(e).__name__, str(e)
+    return "sharded", ""
+
+
+def test_apply_refuses_an_inconsistent_plan_on_every_rank(pool2):
+    for name, message in pool2.run(_apply_on_rank, {"keep": "k_proj,v_proj"}):
+        assert name == "PlanError" and "the plan is inconsistent" in message, message
+        assert "model.layers.0.self_attn.v_proj (keep, from argument 'k_proj,v_proj'" not in message
+        assert "model.layers.0.self_attn.v_proj (keep, from argument 'v_proj')" in message, message
+    assert pool2.run(_apply_on_rank, {}) == [("sharded", ""), ("sharded", "")]
+
+
+def test_the_environment_and_a_config_file_are_named_as_the_source(llama_meta, monkeypatch, tmp_path):
+    monkeypatch.setenv("KEEP_LINEAR_ITEMS", "k_proj")
+    found = tp.resolve(llama_meta, 2).inconsistencies
+    assert any("k_proj (keep, from environment 'k_proj')" in line for line in found), found
+    monkeypatch.delenv("KEEP_LINEAR_ITEMS")
+    config = tmp_path / "tp.toml"
+    config.write_text('keep_linear_items = ["v_proj"]\n')
+    found = tp.resolve(llama_meta, 2, config=config).inconsistencies
+    assert any("v_proj (keep, from config file" in line for line in found), found
+
+
+def test_a_registry_entry_that_contradicts_the_plan_is_named(llama_meta, tmp_path):
+    registry = tmp_path / "registry.toml"
+    registry.write_text(textwrap.dedent("""
+        [families.mine]
+        model_types = ["llama"]
+        extends = "llama"
+        [families.mine.plan]
+        "layers.*.mlp.down_proj" = "colwise"
+        """))
+    found = tp.resolve(llama_meta, 2, registry=registry).inconsistencies
+    assert any("down_proj (colwise, from family mine 'layers.*.mlp.down_proj') reads sharded features" in line
+               for line in found), found
+
+
+def test_an_empty_family_plan_is_refused(llama_meta, tmp_path):
+    registry = tmp_path / "registry.toml"
+    registry.write_text('[families.mine]\nmodel_types = ["llama"]\n')
+    with pytest.raises(tp.PlanError, match="family 'mine' has an empty plan"):
+        tp.resolve(llama_meta, 2, registry=registry)
+
+
+def test_keeping_a_whole_unit_is_consistent_and_exact(pool2):
+    result = tp.verify("llama", tp=2, keep="self_attn.*", pool=pool2)
+    assert result.ok, result.table()
+    assert result.per_block_forward == 1  # only the MLP's all-reduce is left

@@ -1,0 +1,124 @@
+"""A plan's consistency, checked before anything is sharded, by following the activation layouts
+each style declares (``Style.reads`` / ``Style.leaves``) along the traced dataflow of every block
+structure.
+
+Inside a block, a linear's input is whole (the residual stream, or the output of a linear kept
+whole or row-parallel) or sharded on features (the output of a column-parallel linear). A plan
+is inconsistent where:
+
+- a linear that expects sharded features (row-parallel) reads only whole ones;
+- a linear that expects whole features (kept, column-parallel, or left out of the plan) reads
+  a column-parallel linear's sharded output;
+- a sharded output reaches the residual stream without a row-parallel linear in between;
+- an override keeps one linear of a column-parallel group whole (``KEEP_LINEAR_ITEMS=k_proj``):
+  its output would meet its siblings' sharded heads with all of its own heads;
+- outside the blocks, a linear expects sharded features (the activations there are whole).
+
+Each problem names the module, the source that decided its style and what would fix it.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..infer.dataflow import STREAM, BlockFlow, block_signature
+from ..infer.inference import Trace
+from ..plan.resolved import Decision, ResolvedPlan
+from ..plan.structure import find_blocks
+from ..styles import Act
+from ..styles.linear import LINEAR_TYPES
+from .sizes import layouts
+
+
+def _describe(path: str, decision: Decision | None) -> str:
+    if decision is None:
+        return f"{path} (whole: not in the plan)"
+    pattern = f" {decision.pattern!r}" if decision.pattern else ""
+    return f"{path} ({decision.style}, from {decision.source}{pattern})"
+
+
+def _laid_out_by_parent(model: nn.Module, resolved: ResolvedPlan) -> set[str]:
+    """Modules whose parameters a parent's style lays out (a Mamba-2 mixer's in_proj)."""
+    found = set()
+    for path, decision in resolved.decisions.items():
+        for name in layouts(decision, model.get_submodule(path)) or {}:
+            child = name.rpartition(".")[0]
+            if child:
+                found.add(f"{path}.{child}")
+    return found
+
+
+def _layouts_of(decision: Decision | None) -> tuple[Act, Act]:
+    if decision is None:
+        return Act.REPLICATED, Act.AS_READ
+    style, options = decision.style.style, decision.style.options
+    return style.input_layout(options), style.output_layout(options)
+
+
+def _block_problems(block: str, flow: BlockFlow, decisions: dict[str, Decision], laid_out: set[str],
+                    overrides: set[str]) -> list[str]:
+    leaves: dict[str, Act | None] = {}  # node -> its output's layout; None where a parent decides
+    found = []
+    for rel, node in flow.nodes.items():
+        path = f"{block}.{rel}"
+        if path in laid_out:
+            leaves[rel] = None
+            continue
+        decision = decisions.get(path)
+        reads, left = _layouts_of(decision)
+        producers = sorted(label[5:] for label in node.inputs if label.startswith("node:"))
+        if any(leaves.get(p, Act.REPLICATED) is None for p in producers):
+            leaves[rel] = None  # fed by a module a parent's style shards: that style answers for it
+            continue
+        sharded = [p for p in producers if leaves.get(p) is Act.FEATURES]
+        here = _describe(path, decision)
+        if reads is Act.FEATURES and not sharded:
+            source = "the residual stream" if STREAM in node.inputs and not producers else \
+                ", ".join(f"{block}.{p}" for p in producers) or "whole activations"
+            found.append(f"{here} is row-parallel but reads whole features from {source}; make the linears "
+                         "that feed it column-parallel, or keep it whole")
+        elif reads is Act.REPLICATED and sharded:
+            found.append(f"{here} reads sharded features from {', '.join(f'{block}.{p}' for p in sharded)} "
+                         "(column-parallel); make it row-parallel, or keep those linears whole too")
+        leaves[rel] = (Act.FEATURES if sharded else Act.REPLICATED) if left is Act.AS_READ else left
+        if rel in flow.feeds_stream and leaves[rel] is Act.FEATURES:
+            found.append(f"{here} brings sharded features to the residual stream; make the linear that "
+                         "writes to the stream row-parallel")
+    for rel, node in flow.nodes.items():
+        decision = decisions.get(f"{block}.{rel}")
+        if decision is None or decision.source not in overrides or _layouts_of(decision) != (Act.REPLICATED, Act.AS_READ):
+            continue  # only a linear an override keeps whole
+        consumers = flow.readers(rel)
+        siblings = [s for s, other in flow.nodes.items() if s != rel and other.inputs == node.inputs
+                    and leaves.get(s) is Act.FEATURES and flow.readers(s) & consumers]
+        if siblings:
+            unit = sorted({rel, *siblings, *consumers})
+            found.append(
+                f"{_describe(f'{block}.{rel}', decision)} stays whole, but {', '.join(siblings)} beside it "
+                f"{'is' if len(siblings) == 1 else 'are'} column-parallel and their outputs meet in "
+                f"{', '.join(sorted(consumers))}: its heads would not match theirs; keep the whole unit "
+                f"({', '.join(unit)}) or none of it")
+    return found
+
+
+def problems(model: nn.Module, resolved: ResolvedPlan, trace: Trace, overrides: set[str]) -> list[str]:
+    """Why the plan is inconsistent, one line per problem (the first block of each structure);
+    ``overrides`` names the sources that are user overrides."""
+    blocks = find_blocks(model)
+    laid_out = _laid_out_by_parent(model, resolved)
+    firsts: dict[tuple, str] = {}
+    for block in blocks:
+        firsts.setdefault(block_signature(model.get_submodule(block)), block)
+    found = []
+    for signature, block in firsts.items():
+        if signature in trace.flows:
+            found += _block_problems(block, trace.flows[signature], resolved.decisions, laid_out, overrides)
+    # every module list's entries are blocks here (an encoder's layers beside the decoder's)
+    listed = [f"{p}.{i}" for p, m in model.named_modules() if isinstance(m, nn.ModuleList) for i in range(len(m))]
+    for path, decision in resolved.decisions.items():
+        inside = any(path.startswith(b + ".") for b in listed)
+        if not inside and isinstance(model.get_submodule(path), LINEAR_TYPES) \
+                and _layouts_of(decision)[0] is Act.FEATURES:
+            found.append(f"{_describe(path, decision)} is row-parallel, but outside the repeated blocks its "
+                         "input is whole; give it the lm_head style, or keep it whole")
+    return list(dict.fromkeys(found))
