@@ -205,7 +205,7 @@ def _check_entries(path: Path, header: dict, data_bytes: int) -> None:
 
 def _check_entry(path: Path, name: str, entry) -> None:
     def bad(what: str) -> CheckpointError:
-        return CheckpointError(f"cannot read {path}: tensor {name}: {what}; the file is corrupt")
+        return CheckpointError(f"cannot read {path}: tensor {name}: {what}; the file is corrupt: save or download it again")
 
     if not isinstance(entry, dict):
         raise bad(f"its entry is {type(entry).__name__}, not an object with dtype, shape and data_offsets")

@@ -30,8 +30,16 @@ from ..sharding.gather import full_state_dict
 from ..sharding.tags import copy_tags, local_shard_of, local_shard_parameter
 from ..sharding.ties import retie, tied_groups
 from .atomic import save_directory
-from .files import DTYPES, INDEX_FILE, SINGLE_FILE, SafetensorsFile, checkpoint_files, existing_directory, opened
-from .files import is_weights_file
+from .files import (
+    DTYPES,
+    INDEX_FILE,
+    SINGLE_FILE,
+    SafetensorsFile,
+    checkpoint_files,
+    existing_directory,
+    is_weights_file,
+    opened,
+)
 from .ranks import ENTRY_TIMEOUT_S, agree, one_line, world
 
 __all__ = ["DTYPES", "INDEX_FILE", "SINGLE_FILE", "SafetensorsFile", "checkpoint_files", "from_pretrained", "load",
