@@ -1,4 +1,4 @@
-"""The autograd-aware collectives the styles share, named after Megatron's ``f`` and ``g``.
+"""The autograd functions the styles share: Megatron's ``f`` and ``g``, and the way out of DTensor.
 
 ``f`` is the identity in the forward and an all-reduce of the gradient in the backward: it
 marks where a tensor that every rank holds whole starts to be used on sharded data (a
@@ -13,6 +13,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 class _ReduceGradInBackward(torch.autograd.Function):
@@ -45,3 +46,27 @@ def sum_replicated_grad(x: torch.Tensor, shard) -> torch.Tensor:
     ranks that hold them (one all-reduce)."""
     return _ReduceGradInBackward.apply(
         x, partial(shard.layout.sum_replicated, dim=shard.dim, group=shard.mesh.get_group()))
+
+
+class _OwnedLocal(torch.autograd.Function):
+    """A DTensor's local tensor as a tensor of its own (an alias, not a view), so that the model may
+    change it in place: ``DTensor.to_local()`` returns a view made inside an autograd Function,
+    which autograd forbids modifying in place (OLMo's ``clamp_`` of q/k/v, Falcon's
+    ``mlp_output += attention_output``). No copy is made. In the backward the gradient becomes a
+    DTensor with the same placements, as with ``to_local()``."""
+
+    @staticmethod
+    def forward(ctx, x: DTensor):
+        ctx.spec = x._spec
+        return x._local_tensor.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        spec = ctx.spec
+        return DTensor.from_local(grad, spec.mesh, spec.placements, shape=spec.shape, stride=spec.stride,
+                                  run_check=False)
+
+
+def to_local(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s local tensor, which the model may modify in place; a plain tensor is returned as is."""
+    return _OwnedLocal.apply(x) if isinstance(x, DTensor) else x

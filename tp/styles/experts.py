@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from ..errors import SizeError
+from ..sharding.collectives import to_local
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_local_params, local_of, take_back_params
 from ..sharding.tags import place_parameter
@@ -88,7 +89,7 @@ class PackedExperts(PlainStyle):
         if take_back_params(module) is None or output is None:
             return None
         total = DTensor.from_local(output, device_mesh, [Partial()], run_check=False)
-        return total.redistribute(device_mesh, [Replicate()]).to_local()
+        return to_local(total.redistribute(device_mesh, [Replicate()]))
 
 
 # The expert outputs' all-reduce; the routing weights' gradient, and a plain input's.

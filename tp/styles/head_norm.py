@@ -13,6 +13,7 @@ from torch.distributed.tensor import (
 )
 from torch.distributed.tensor.parallel import ParallelStyle
 
+from ..sharding.collectives import to_local
 from .descriptor import Act, Args, Site, Style
 
 
@@ -52,7 +53,7 @@ class HeadNorm(ParallelStyle):
             return DTensor.from_local(inputs[0], mesh, placement, run_check=False), *inputs[1:]
 
         def output_fn(mod, output, mesh):
-            return output.to_local()
+            return to_local(output)
 
         return distribute_module(module, device_mesh, self._partition, input_fn, output_fn)
 

@@ -34,7 +34,7 @@ from torch.distributed.tensor import (
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..errors import PlanError, SizeError
-from ..sharding.collectives import sum_replicated_grad
+from ..sharding.collectives import sum_replicated_grad, to_local
 from ..sharding.heads import Heads
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_local_params, local_of, take_back_params
@@ -301,13 +301,11 @@ class RowwiseLayout(LayoutParallel):
             if "bias" in lent:
                 total = total + lent["bias"]
             return total
-        total = total.redistribute(device_mesh, [Replicate()]).to_local()
+        total = to_local(total.redistribute(device_mesh, [Replicate()]))
         if "bias" in lent:
             shape = [1] * total.dim()
             shape[feature_dim(module, total)] = -1
             total = total + lent["bias"].to_local().view(shape)
         if self.use_local_output:
-            # to_local() gives a view that autograd forbids changing in place (Falcon's
-            # mlp_output += attention_output); with no bias added, copy it.
-            return total if "bias" in lent else total.clone()
+            return total
         return DTensor.from_local(total, device_mesh, [Replicate()], run_check=False)

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 from pydantic import Field, field_validator
 from torch import nn
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     RowwiseParallel,
 )
 
-from ..sharding.collectives import f
+from ..sharding.collectives import f, to_local
 from .descriptor import Act, Args, LayoutMap, Site, Style
 from .layout import (
     CONVOLUTIONS,
@@ -31,12 +32,25 @@ from .layout import (
 )
 
 
-class OwnedRowwiseParallel(RowwiseParallel):
-    """torch's RowwiseParallel whose local output owns its memory.
+class OwnedColwiseParallel(ColwiseParallel):
+    """torch's ColwiseParallel whose local output the model may change in place (OLMo clamps q, k
+    and v with ``clamp_``): the output is ``tp.sharding.collectives.to_local``'s alias, not the
+    view ``DTensor.to_local()`` returns, and no copy is made.
 
-    ``DTensor.to_local()`` returns a view made inside an autograd Function, which autograd
-    forbids modifying in place; models add to a row-parallel output in place (Falcon's
-    ``mlp_output += attention_output``). One copy of the output makes it an ordinary tensor.
+    Example::
+        >>> parallelize_module(model, mesh, {"layers.0.self_attn.q_proj": OwnedColwiseParallel()})
+    """
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        if outputs.placements != output_layouts:
+            outputs = outputs.redistribute(placements=output_layouts, async_op=True)
+        return to_local(outputs) if use_local_output else outputs
+
+
+class OwnedRowwiseParallel(RowwiseParallel):
+    """torch's RowwiseParallel whose local output the model may change in place (Falcon's
+    ``mlp_output += attention_output``), with no copy (see ``OwnedColwiseParallel``).
 
     Example::
         >>> parallelize_module(model, mesh, {"layers.0.mlp.dense_4h_to_h": OwnedRowwiseParallel()})
@@ -44,8 +58,9 @@ class OwnedRowwiseParallel(RowwiseParallel):
 
     @staticmethod
     def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
-        out = RowwiseParallel._prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh)
-        return out.clone() if use_local_output else out
+        if outputs.placements != output_layouts:
+            outputs = outputs.redistribute(placements=output_layouts, async_op=True)
+        return to_local(outputs) if use_local_output else outputs
 
 
 class RowwiseIntoSharded(RowwiseParallel):
@@ -62,7 +77,7 @@ class RowwiseIntoSharded(RowwiseParallel):
 
     @staticmethod
     def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
-        whole = outputs.redistribute(placements=output_layouts).to_local()
+        whole = to_local(outputs.redistribute(placements=output_layouts))
         return f(whole, device_mesh.get_group())
 
 
@@ -121,7 +136,7 @@ def build_colwise(site: Site) -> ParallelStyle:
     args = site.args
     if _needs_layout(site.module, args.parts, args.unit):
         return ColwiseLayout(parts=args.parts, unit=args.unit, heads=site.heads)
-    return ColwiseParallel()
+    return OwnedColwiseParallel()
 
 
 def build_rowwise(site: Site) -> ParallelStyle:
@@ -134,12 +149,41 @@ def build_rowwise(site: Site) -> ParallelStyle:
     return OwnedRowwiseParallel()
 
 
+class CheckedTokenIds(ParallelStyle):
+    """A vocab-parallel embedding style that first checks the token ids, as the unsharded embedding
+    does: each rank looks up only its rows and would give zeros for an id outside the vocabulary.
+
+    Example::
+        >>> parallelize_module(model, mesh, {"model.embed_tokens": CheckedTokenIds(OwnedRowwiseParallel())})
+    """
+
+    def __init__(self, inner: ParallelStyle):
+        super().__init__()
+        self.inner = inner
+
+    @staticmethod
+    def _check(module: nn.Module, args, kwargs) -> None:
+        ids = args[0] if args else kwargs.get("input")
+        if isinstance(ids, torch.Tensor) and ids.numel():
+            low, high = torch.aminmax(ids.to_local() if isinstance(ids, DTensor) else ids)
+            if low < 0 or high >= module.num_embeddings:
+                raise IndexError("index out of range in self")  # what nn.Embedding raises
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        module.register_forward_pre_hook(self._check, with_kwargs=True)  # before the inner style's hooks
+        return self.inner._apply(module, device_mesh)
+
+    def __repr__(self) -> str:
+        return f"CheckedTokenIds({self.inner!r})"
+
+
 def build_embedding(site: Site) -> ParallelStyle:
     """The looked-up vectors all-reduced or, with ``sequence_dim``, reduce-scattered along the sequence."""
     if _sequence(site.args):
-        return RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(site.args.sequence_dim),
-                               use_local_output=False)
-    return OwnedRowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())  # CTRL scales it in place
+        return CheckedTokenIds(RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(site.args.sequence_dim),
+                                               use_local_output=False))
+    # CTRL scales the embedding's output in place
+    return CheckedTokenIds(OwnedRowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
 
 
 def build_lm_head(site: Site) -> ParallelStyle:
@@ -151,7 +195,7 @@ def build_lm_head(site: Site) -> ParallelStyle:
     inputs = Shard(args.sequence_dim) if _sequence(args) else Replicate()
     if args.loss_parallel:
         return ColwiseParallel(input_layouts=inputs, output_layouts=Shard(-1), use_local_output=False)
-    return ColwiseParallel(input_layouts=inputs, output_layouts=Replicate())
+    return OwnedColwiseParallel(input_layouts=inputs, output_layouts=Replicate())
 
 
 def _by_layout(build):
