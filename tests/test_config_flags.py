@@ -8,6 +8,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate
 
 import tp
+import tp.checks.sizes
+import tp.testing.models
 from tp.sharding.collectives import to_local
 from tp.testing.models import tiny_model
 
@@ -55,3 +57,14 @@ def _to_local_on_rank() -> tuple[bool, bool, bool]:
 
 def test_to_local_gives_a_tensor_the_model_may_change_in_place(pool2):
     assert pool2.run(_to_local_on_rank) == [(True, True, True)] * 2
+
+
+def test_expert_widths_grouped_mm_cannot_take_are_refused_with_the_sizes_that_work():
+    # 40 intermediate features: 10 float32 columns per rank at TP=4, a 40-byte row stride that
+    # torch's grouped matmul rejects mid-forward ("strides should be multiple of 16 bytes")
+    model = tp.testing.models.build(tp.testing.models.family_config("mixtral", intermediate_size=40), device="meta")
+    lines, working = tp.checks.sizes.problems(model, tp.resolve(model, 4), 4)
+    assert lines == ["model.layers.*.mlp.experts.down_proj: down_proj part 0: 10 rows per rank at tp=4 are not a "
+                     "multiple of 4, the 16 bytes per row that grouped_mm needs; choose a tensor-parallel size that "
+                     "keeps them aligned, or set config._experts_implementation = 'eager'"]
+    assert working == [1, 2]

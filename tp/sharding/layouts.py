@@ -39,6 +39,8 @@ class Part:
     replicable: bool = False
     name: str = "part"
     unit: str = "units"  # what a unit is, for messages: heads, groups, rows
+    multiple: int = 1  # each rank's units must be a multiple of this (a kernel's alignment) ...
+    why_multiple: str = ""  # ... for this reason
 
     @property
     def rows(self) -> int:
@@ -49,6 +51,10 @@ class Part:
 
     def problem(self, tp: int) -> str | None:
         if self.units % tp == 0:
+            per_rank = self.units // tp
+            if per_rank % self.multiple:
+                return (f"{self.name}: {per_rank} {self.unit} per rank at tp={tp} are not a multiple of "
+                        f"{self.multiple}, {self.why_multiple}")
             return None
         if self.replicable and tp % self.units == 0:
             return None

@@ -26,6 +26,7 @@ from .descriptor import Act, PlainStyle, Style
 
 # parameter -> (dimension holding the intermediate features, parts packed along it)
 EXPERT_PARAMS = {"gate_up_proj": (1, 2), "down_proj": (2, 1)}
+GROUPED_MM_ALIGNMENT = 16  # bytes: torch's grouped matmul wants every stride a multiple of it
 
 
 def expert_layouts(module: nn.Module) -> dict[str, tuple[Layout, int]]:
@@ -38,8 +39,16 @@ def expert_layouts(module: nn.Module) -> dict[str, tuple[Layout, int]]:
             "leave it out of the plan to keep it whole on every rank")
     found = {}
     for name, (dim, parts) in EXPERT_PARAMS.items():
-        size = getattr(module, name).shape[dim]
-        found[name] = (Layout(tuple(Part(size // parts, 1, name=f"{name} part {i}", unit="rows") for i in range(parts))), dim)
+        param = getattr(module, name)
+        size, multiple, why = param.shape[dim], 1, ""
+        if dim == param.dim() - 1 and getattr(getattr(module, "config", None), "_experts_implementation", None) \
+                == "grouped_mm":
+            # the sharded dimension is the innermost one: its width is a row stride of the local weight
+            multiple = GROUPED_MM_ALIGNMENT // param.element_size()
+            why = (f"the {GROUPED_MM_ALIGNMENT} bytes per row that grouped_mm needs; choose a tensor-parallel size "
+                   "that keeps them aligned, or set config._experts_implementation = 'eager'")
+        found[name] = (Layout(tuple(Part(size // parts, 1, name=f"{name} part {i}", unit="rows", multiple=multiple,
+                                         why_multiple=why) for i in range(parts))), dim)
     return found
 
 
@@ -62,9 +71,9 @@ class PackedExperts(PlainStyle):
         tp = device_mesh.size()
         layouts = expert_layouts(module)
         for name, (layout, dim) in layouts.items():
-            if layout.problems(tp):
-                raise SizeError(f"{type(module).__name__}.{name}: intermediate size {layout.parts[0].units} "
-                                f"does not divide by the tensor-parallel size {tp}; choose a size that divides it")
+            problems = layout.problems(tp)
+            if problems:
+                raise SizeError(f"{type(module).__name__}.{name}: {'; '.join(problems)}")
             place_parameter(module, name, layout, dim, device_mesh)
         module.register_forward_pre_hook(partial(self._lend_local, device_mesh), with_kwargs=True)
         module.register_forward_hook(partial(self._take_back, device_mesh), always_call=True)
