@@ -65,7 +65,7 @@ def test_text_sizes():
 
 def test_moe_and_latent_attention_sizes():
     config = tiny_config("deepseek_v3")
-    assert (config.n_routed_experts, config.num_experts_per_tok, config.moe_intermediate_size) == (4, 2, 32)
+    assert (config.n_routed_experts, config.num_experts_per_tok, config.moe_intermediate_size) == (4, 2, 48)
     assert config.num_key_value_heads == config.num_attention_heads == 8
     assert (config.q_lora_rank, config.kv_lora_rank) == (32, 16)
     assert (config.qk_rope_head_dim, config.qk_nope_head_dim, config.v_head_dim) == (8, 8, 8)

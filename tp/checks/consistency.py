@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import PlanError
 from ..infer.dataflow import STREAM, BlockFlow, block_signature
 from ..infer.inference import Trace
 from ..plan.resolved import Decision, ResolvedPlan
@@ -41,7 +42,11 @@ def _laid_out_by_parent(model: nn.Module, resolved: ResolvedPlan) -> set[str]:
     """Modules whose parameters a parent's style lays out (a Mamba-2 mixer's in_proj)."""
     found = set()
     for path, decision in resolved.decisions.items():
-        for name in layouts(decision, model.get_submodule(path)) or {}:
+        try:
+            laid = layouts(decision, model.get_submodule(path)) or {}
+        except PlanError:  # a layout that does not fit its module: the size check names it
+            continue
+        for name in laid:
             child = name.rpartition(".")[0]
             if child:
                 found.add(f"{path}.{child}")

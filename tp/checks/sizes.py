@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import SizeError
+from ..errors import PlanError, SizeError
 from ..patterns import matches
 from ..plan.resolved import Decision, ResolvedPlan
 from ..sharding.layouts import Layout
@@ -39,13 +39,24 @@ class Constraint:
     value: int
 
 
+@dataclass(frozen=True)
+class Unfit:
+    """A style whose layout cannot be built for its module at all (parts that do not add up to
+    the module's size): a problem at every TP size."""
+
+    reason: str
+
+    def problems(self, tp: int) -> list[str]:
+        return [self.reason]
+
+
 def _head_dim(parent: nn.Module | None) -> int | None:
     head_dim = getattr(parent, "head_dim", None)
     return head_dim if isinstance(head_dim, int) and head_dim > 0 else None
 
 
 def constraints(model: nn.Module, plan: ResolvedPlan, paths: set[str] | None = None
-                ) -> tuple[list[Constraint], list[tuple[str, Layout]]]:
+                ) -> tuple[list[Constraint], list[tuple[str, Layout | Unfit]]]:
     """Every quantity that must divide by the TP size, and every layout whose parts must split
     (for the modules in ``paths``, default all)."""
     found, laid_out = [], []
@@ -53,7 +64,11 @@ def constraints(model: nn.Module, plan: ResolvedPlan, paths: set[str] | None = N
         if paths is not None and path not in paths:
             continue
         module = model.get_submodule(path)
-        by_layout = layouts(decision, module)
+        try:
+            by_layout = layouts(decision, module)
+        except PlanError as e:
+            laid_out.append((path, Unfit(f"{decision.style}: {e}")))
+            continue
         if by_layout is not None:
             laid_out += [(f"{path}.{name}", layout) for name, (layout, _) in by_layout.items()]
             continue

@@ -26,7 +26,9 @@ from torch import nn
 from .. import models  # noqa: F401  (registers model_type "yuan" with the Auto classes)
 
 HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM, VOCAB, POSITIONS = 64, 128, 8, 4, 8, 256, 128
-EXPERTS, TOP_K, EXPERT_FFN = 4, 2, 32
+# expert widths differ from every other sharded width (kv 32, q and hidden 64, FFN 128), so that
+# a plan inferred on a tiny twin cannot mistake one for another
+EXPERTS, TOP_K, EXPERT_FFN = 4, 2, 48
 DEFAULT_LAYERS = 2
 MAX_LAYERS = 8  # a model that needs more layers to hold every layer kind needs an EXTRA entry
 MAX_PARAMS = 20_000_000  # hard cap; the tiny models are meant to stay under 2M
