@@ -1,6 +1,8 @@
-"""The census (tp/testing/census.py) on a few model types, one of each kind of outcome, and the committed
-docs/coverage.md against the installed transformers. The full census is `python -m tp census`."""
+"""The census (tp/testing/census.py) on a few model types, one of each kind of outcome, the command's
+output, and the committed docs/coverage.md against the installed transformers. The full census is
+`python -m tp census --write-docs`."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 import tp
 import tp.testing.census
-from tp.testing.census import census_row, render
+from tp.cli import main
+from tp.testing.census import Row, census_row, render
 
 COVERAGE = Path(__file__).resolve().parents[1] / "docs" / "coverage.md"
 
@@ -82,3 +85,68 @@ def test_token_ids_fit_the_logits_and_rwkv_checks_in_training_mode():
 
 def _zaya():
     return tp.testing.census.tiny_model("zaya")
+
+
+# The command. gemma3n is a type whose tiny model does not build: its row needs no process.
+
+
+@pytest.fixture
+def census(capsys, monkeypatch, tmp_path):
+    """``census(*args)`` -> (exit code, stdout, stderr) of ``python -m tp census ARGS`` in an empty directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
+
+    def call(*args):
+        code = main(["census", *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call
+
+
+def test_census_prints_the_table_and_writes_no_file(census, tmp_path):
+    code, out, err = census("--types", "gemma3n")
+    assert code == 0
+    assert out.startswith("# Coverage") and "| gemma3n | | | does not build |" in out
+    assert list(tmp_path.iterdir()) == []
+    assert "1/1" in err  # the progress bar, on stderr
+
+
+def test_census_writes_the_table_where_output_says(census, tmp_path):
+    code, out, _ = census("--types", "gemma3n", "--output", "sub/table.md")
+    assert code == 0
+    written = (tmp_path / "sub" / "table.md").read_text()
+    assert "| gemma3n | | | does not build |" in written and "| gemma3n" not in out
+    assert out.rstrip().endswith("written to sub/table.md")
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["table.md"]
+
+
+def test_census_json_holds_the_rows_and_the_counts(census):
+    code, out, _ = census("--types", "gemma3n", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["summary"] == {"model_types": 1, "build": 0, "verified": 0, "partial": 0,
+                                             "refused": 0, "wrong": 0, "error": 0}
+    assert data["rows"][0]["model_type"] == "gemma3n" and data["rows"][0]["status"] == "does not build"
+    assert data["failed"] == [] and data["written_to"] is None
+
+
+def test_census_exits_1_when_a_row_is_wrong(census, monkeypatch):
+    wrong = Row("llama", source="registry (llama)", results={2: "verified", 4: "wrong"})
+    monkeypatch.setattr(tp.testing.census, "census_row", lambda model_type, pools: wrong)
+    code, out, err = census("--types", "llama")
+    assert code == 1 and "| llama | registry (llama) |  | verified | wrong |" in out
+    assert err.rstrip().endswith("wrong or an error: llama")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--types", "lamma"), "error: unknown model type 'lamma': not a causal-LM type of the installed transformers "
+                           "(did you mean llama"),
+    (("--types", "llama", "--write-docs"), "error: --write-docs rewrites the whole committed table"),
+    (("--output", "x.md", "--write-docs"), "error: give --output FILE or --write-docs, not both"),
+])
+def test_census_refuses_bad_arguments_before_it_starts(capsys, monkeypatch, tmp_path, args, expected):
+    monkeypatch.chdir(tmp_path)
+    assert main(["census", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(expected) and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

@@ -13,7 +13,7 @@ def test_wheel_carries_registry_and_plans(tmp_path):
                     "-w", str(wheels), str(ROOT)], check=True, timeout=300)
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
-                    *map(str, wheels.glob("tp-*.whl"))], check=True, timeout=300)
+                    *map(str, wheels.glob("tp_dtensor-*.whl"))], check=True, timeout=300)
     probe = (
         "import tp, tp.plan.registry as r; reg = tp.load_registry(); "
         "print(r.builtin_registry_path()); print(sorted(reg.families)); "

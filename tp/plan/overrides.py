@@ -43,6 +43,12 @@ def from_config_file(path: str | os.PathLike) -> Overrides:
         data = ConfigFile.model_validate(tomllib.loads(path.read_text()))
     except FileNotFoundError:
         raise PlanError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise PlanError(f"config file {path} is a directory; give the path of a .toml file") from None
+    except UnicodeDecodeError as e:
+        raise PlanError(f"config file {path} is not UTF-8 text (byte {e.start}); a config is a UTF-8 TOML file") from None
+    except OSError as e:
+        raise PlanError(f"config file {path} cannot be read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise PlanError(f"config file {path}: not valid TOML: {e}") from None
     except ValidationError as e:

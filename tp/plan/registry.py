@@ -261,6 +261,13 @@ def load_file(path: str | os.PathLike) -> RegistryFile:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise RegistryError(f"registry file {path} does not exist") from None
+    except IsADirectoryError:
+        raise RegistryError(f"registry file {path} is a directory; give the path of a registry .toml file") from None
+    except UnicodeDecodeError as e:
+        raise RegistryError(f"registry file {path} is not UTF-8 text (byte {e.start}); "
+                            "a registry is a UTF-8 TOML file") from None
+    except OSError as e:
+        raise RegistryError(f"registry file {path} cannot be read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise RegistryError(f"{path}: not valid TOML: {e}") from None
     # contributed styles first: the plans below may name them

@@ -4,23 +4,37 @@ For each model type in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``: build a tiny rando
 (``tp/infer/tiny.py``) on CPU; if it builds and runs, shard it with ``tp.apply`` and no user
 configuration at TP=2, and at TP=4 where its sizes allow, and compare forward and backward
 with the unsharded model (``tp.verify``). The result is a markdown table, one row per type,
-written to ``docs/coverage.md``.
+printed (``--json``: one JSON object); ``--output FILE`` writes the table to a file instead,
+and only ``--write-docs`` rewrites the committed ``docs/coverage.md``. The exit code is 1 when
+any row is wrong or an error. Progress, with a count and the time left, goes to stderr;
+transformers' warnings are silenced.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import functools
+import json
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..errors import TPError
-from .launch import WorkerError, WorkerPool
+from ..errors import PlanError, TPError
+
+if TYPE_CHECKING:  # .launch imports torch: only when a census runs, not to parse the command line
+    from .launch import WorkerPool
 
 SIZES = (2, 4)
 MAX_PARAMS = 20_000_000
+OUTCOMES = ("verified", "partial", "refused", "wrong", "error")
+FAILED = ("wrong", "error")  # outcomes that make the census exit with 1
+COMMITTED_TABLE = Path(__file__).resolve().parents[2] / "docs" / "coverage.md"
 
 
 def tiny_model(model_type: str):
@@ -48,6 +62,17 @@ class Row:
         divide at TP=2 are a refusal too (tp.apply raises SizeError with the reason)."""
         status = self.results.get(2, "does not build").split(":")[0]
         return "refused" if status == "n/a" else status
+
+    @property
+    def failed(self) -> bool:
+        """Wrong or an error at any TP size."""
+        return any(result.split(":")[0] in FAILED for result in self.results.values())
+
+    def as_json(self) -> dict:
+        return {"model_type": self.model_type, "status": self.status, "plan": self.source,
+                "transformers_plan": self.transformers_plan, "results": {str(k): v for k, v in self.results.items()},
+                "logits": self.logits, "grad": self.grad, "per_layer": self.per_layer,
+                "params_per_rank": self.params_per_rank, "note": self.note}
 
 
 def build_problem(model_type: str) -> str | None:
@@ -106,6 +131,8 @@ def _verify(model_type: str, tp: int, pool: WorkerPool):
 
 
 def census_row(model_type: str, pools: dict[int, WorkerPool], sizes_: tuple[int, ...] = SIZES) -> Row:
+    from .launch import WorkerError
+
     row = Row(model_type)
     why_not = build_problem(model_type)
     if why_not:
@@ -153,21 +180,26 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render(rows: list[Row], transformers_version: str, seconds: float) -> str:
+def summary(rows: list[Row]) -> dict[str, int]:
+    """How many types there are, how many build, and how many of those had each outcome at TP=2."""
     built = [r for r in rows if r.results]
-    counts = {s: sum(r.status == s for r in built) for s in ("verified", "partial", "refused", "wrong", "error")}
-    correct = counts["verified"] + counts["partial"]
+    return {"model_types": len(rows), "build": len(built), **{s: sum(r.status == s for r in built) for s in OUTCOMES}}
+
+
+def render(rows: list[Row], transformers_version: str, seconds: float) -> str:
+    counts = summary(rows)
+    correct, built = counts["verified"] + counts["partial"], counts["build"]
     lines = [
         "# Coverage: every causal-LM type of transformers, sharded with no configuration",
         "",
-        f"Written by `python -m tp census` (transformers {transformers_version}, {seconds / 60:.0f} min on 2 CPU cores).",
+        f"Written by `python -m tp census --write-docs` (transformers {transformers_version}, {seconds / 60:.0f} min on 2 CPU cores).",
         "Each tiny random model (`tp/infer/tiny.py`) is sharded with `tp.apply(model, mesh)` and nothing else, over",
         "CPU gloo processes, and compared with the unsharded model: logits max abs diff <= 1e-5, every",
         "gradient <= 1e-4 relative, gathered parameters bit-exact, collectives as the plan predicts.",
         "",
-        f"- model types: {len(rows)}; build and run on CPU: {len(built)}",
-        (f"- verified correct at TP=2, forward and backward: **{correct} of {len(built)} "
-         f"({100 * correct / max(len(built), 1):.0f}%)**; {counts['verified']} with every block unit sharded, "
+        f"- model types: {len(rows)}; build and run on CPU: {built}",
+        (f"- verified correct at TP=2, forward and backward: **{correct} of {built} "
+         f"({100 * correct / max(built, 1):.0f}%)**; {counts['verified']} with every block unit sharded, "
          f"{counts['partial']} with some units kept whole (see notes)"),
         f"- refused with a reason: {counts['refused']}; wrong results: {counts['wrong']}; errors: {counts['error']}",
         "",
@@ -193,30 +225,112 @@ def render(rows: list[Row], transformers_version: str, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tp census", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--types", default=None, help="comma-separated model types (default: all)")
-    parser.add_argument("--output", default="docs/coverage.md", help="where to write the table")
-    args = parser.parse_args(argv)
-    import transformers
+    parser.add_argument("--output", default=None, help="write the markdown table to this file (default: print it)")
+    parser.add_argument("--write-docs", action="store_true",
+                        help=f"rewrite the committed table, {COMMITTED_TABLE.parent.name}/{COMMITTED_TABLE.name} "
+                             "(a full census only)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (schema: README, Command line)")
+
+
+def model_types(names: str | None) -> list[str]:
+    """The types asked for, each a causal-LM type of the installed transformers; all by default."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    types = args.types.split(",") if args.types else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    warnings.filterwarnings("ignore")
-    start, rows = time.time(), []
-    pools = {tp: WorkerPool(tp) for tp in SIZES}
+    known = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    if not names:
+        return known
+    types = [t.strip() for t in names.split(",") if t.strip()]
+    for name in types:
+        if name not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            close = difflib.get_close_matches(name, known, n=3)
+            raise PlanError(f"unknown model type {name!r}: not a causal-LM type of the installed transformers"
+                            + (f" (did you mean {', '.join(close)}?)" if close else "")
+                            + "; `python -m tp census --help`")
+    if not types:
+        raise PlanError("--types names no model type; give comma-separated model types, e.g. --types llama,gpt2")
+    return types
+
+
+def destination(args) -> Path | None:
+    """Where the table is written: ``--output``, the committed table with ``--write-docs``, or nowhere."""
+    if args.write_docs and args.output:
+        raise PlanError("give --output FILE or --write-docs, not both")
+    if not args.write_docs:
+        return Path(args.output) if args.output else None
+    if args.types:
+        raise PlanError(f"--write-docs rewrites the whole committed table ({COMMITTED_TABLE}); a census of "
+                        "--types would drop the other rows: use --output FILE for a partial census")
+    if not COMMITTED_TABLE.parent.is_dir():
+        raise PlanError(f"--write-docs rewrites docs/coverage.md of a source checkout; there is no "
+                        f"{COMMITTED_TABLE.parent}: use --output FILE")
+    return COMMITTED_TABLE
+
+
+@contextlib.contextmanager
+def _quiet():
+    """transformers' warnings and log lines silenced, here and in the ranks' processes."""
+    import transformers
+
+    previous, level = os.environ.get("PYTHONWARNINGS"), transformers.logging.get_verbosity()
+    os.environ["PYTHONWARNINGS"] = "ignore"  # read by the ranks' processes when they start
+    transformers.logging.set_verbosity_error()
     try:
-        for model_type in types:
-            began = time.time()
-            rows.append(census_row(model_type, pools))
-            r = rows[-1]
-            print(f"{model_type:28s} {r.results.get(2, 'does not build')[:70]:70s} "
-                  f"{r.results.get(4, '')[:30]:30s} {time.time() - began:5.1f}s", flush=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.logging.set_verbosity(level)
+        if previous is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = previous
+
+
+def census(types: list[str]) -> list[Row]:
+    """One row per type; a bar on stderr counts them and estimates the time left."""
+    from tqdm import tqdm
+
+    from .launch import WorkerPool
+
+    rows, pools = [], {tp: WorkerPool(tp) for tp in SIZES}
+    try:
+        with _quiet(), tqdm(types, desc="census", unit="type", file=sys.stderr, dynamic_ncols=True) as bar:
+            for model_type in bar:
+                bar.set_postfix_str(model_type)
+                began = time.time()
+                rows.append(census_row(model_type, pools))
+                r = rows[-1]
+                bar.write(f"{model_type:28s} {r.results.get(2, 'does not build')[:70]:70s} "
+                          f"{r.results.get(4, '')[:30]:30s} {time.time() - began:5.1f}s", file=sys.stderr)
     finally:
         for pool in pools.values():
             pool.close()
-    text = render(rows, transformers.__version__, time.time() - start)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(text)
-    print(text.split("| model type")[0])
-    return 0
+    return rows
+
+
+def run(args) -> int:
+    """``python -m tp census``: 0 when no row is wrong or an error, else 1."""
+    import transformers
+
+    types, target = model_types(args.types), destination(args)
+    start = time.time()
+    rows = census(types)
+    seconds = time.time() - start
+    text = render(rows, transformers.__version__, seconds)
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    failed = [r.model_type for r in rows if r.failed]
+    if args.json:
+        print(json.dumps({"command": "census", "transformers": transformers.__version__, "seconds": round(seconds, 1),
+                          "written_to": str(target) if target else None, "summary": summary(rows),
+                          "failed": failed, "rows": [r.as_json() for r in rows]}, indent=2))
+    elif target is not None:
+        print(text.split("| model type")[0].rstrip() + f"\n\nwritten to {target}")
+    else:
+        print(text, end="")
+    if failed:
+        print(f"wrong or an error: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
