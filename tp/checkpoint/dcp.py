@@ -133,6 +133,9 @@ def load(model: nn.Module, checkpoint_id: str | os.PathLike) -> None:
 
     def read() -> None:
         directory = existing_directory(checkpoint_id)
+        if not (directory / ".metadata").is_file():
+            raise CheckpointError(f"{directory}: no .metadata file, so not a torch.distributed.checkpoint "
+                                  "checkpoint (tp.dcp.save writes one; for Hugging Face files use tp.from_pretrained)")
         with dcp_errors(directory):
             dcp.load(state, checkpoint_id=directory)
 

@@ -9,9 +9,9 @@ or a half-loaded model trains. ``agree`` runs a step on every rank, then gathers
 A save called on only some ranks (``if rank == 0: tp.save_pretrained(...)``) would hang in its
 first collective. ``enter_together`` is a rendezvous on the process group's key-value store
 with a timeout, before any collective: the ranks that called it get a ``CheckpointError``
-naming the ranks that did not, instead of a hang. The ranks are out of step after such a
-refusal (the ranks that called it counted one more checkpoint call than those that did not),
-so the program should end; that is the message's advice.
+naming the ranks that did not, instead of a hang, and a rank that calls it later gets one at
+once. Ranks that skipped the call are out of step with the others afterwards (they count one
+checkpoint call fewer), so the program should end; that is the message's advice.
 """
 
 from __future__ import annotations
@@ -39,30 +39,42 @@ def world() -> tuple[int, int]:
 
 def enter_together(what: str, directory: Path, timeout: float = ENTRY_TIMEOUT_S) -> None:
     """Return once every rank has called ``what`` on the same ``directory``; refuse after ``timeout``
-    seconds naming the ranks that did not, or when the ranks name different directories."""
+    seconds naming the ranks that did not, or when the ranks name different directories.
+
+    The outcome is decided once, atomically, on the store: the last rank to arrive marks the
+    entry complete, a rank that waited ``timeout`` marks it refused, whichever comes first. A rank
+    that arrives after a refusal is refused at once, not left waiting in the next collective.
+    """
     rank, size = world()
     if size == 1:
         return
     from torch.distributed.distributed_c10d import _get_default_store
 
     store, entry = _get_default_store(), next(_entries)
-    keys = [f"tp.checkpoint/{entry}/{r}" for r in range(size)]
-    store.set(keys[rank], f"{what} {directory}")
-    try:
-        store.wait(keys, timedelta(seconds=timeout))
-    except dist.DistError as e:
-        absent = [r for r, key in enumerate(keys) if not store.check([key])]
-        raise CheckpointError(
-            f"{what}({directory}) is a collective, called on rank {rank} but not on rank(s) "
-            f"{', '.join(map(str, absent))} within {timeout:g} s: call it on every rank. Nothing was written; "
-            "the ranks are now out of step, so end the program") from e
-    calls = [store.get(key).decode() for key in keys]
+    prefix = f"tp.checkpoint/{entry}"
+    store.set(f"{prefix}/{rank}", f"{what} {directory}")
+    if store.add(f"{prefix}/entered", 1) == size:
+        state = store.compare_set(f"{prefix}/state", "", "complete")
+    else:
+        try:
+            store.wait([f"{prefix}/state"], timedelta(seconds=timeout))
+            state = store.get(f"{prefix}/state")
+        except dist.DistError:
+            state = store.compare_set(f"{prefix}/state", "", "refused")
+    if state != b"complete":
+        absent = [r for r in range(size) if not store.check([f"{prefix}/{r}"])]
+        late = (f"but not on rank(s) {', '.join(map(str, absent))} within {timeout:g} s" if absent else
+                "after the other ranks had given up waiting for it")
+        raise CheckpointError(f"{what}({directory}) is a collective, called on rank {rank} {late}: call it on every "
+                              "rank. Nothing was written; the ranks are now out of step, so end the program")
+    calls = [store.get(f"{prefix}/{r}").decode() for r in range(size)]
     if len(set(calls)) > 1:
         listed = "; ".join(f"rank {r}: {call}" for r, call in enumerate(calls))
         raise CheckpointError(f"the ranks called different checkpoint saves ({listed}); call the same one with "
                               "the same directory on every rank. Nothing was written")
-    if rank == 0 and entry > 0:  # every rank has read the previous entry's keys: they are done with
-        for key in (f"tp.checkpoint/{entry - 1}/{r}" for r in range(size)):
+    if rank == 0 and entry > 0:  # every rank is past the previous entry: its keys are done with
+        for key in [f"tp.checkpoint/{entry - 1}/{r}" for r in range(size)] + \
+                   [f"tp.checkpoint/{entry - 1}/entered", f"tp.checkpoint/{entry - 1}/state"]:
             store.delete_key(key)
 
 
