@@ -26,4 +26,6 @@ class AlreadyShardedError(TPError):
 
 
 class CheckpointError(TPError):
-    """A checkpoint that cannot be loaded into the model: missing, mis-shaped or unreadable tensors."""
+    """A checkpoint that cannot be loaded into the model (missing, extra, mis-shaped or unreadable
+    tensors, a corrupt header or index, no such directory) or saved (called on only some ranks, a
+    write that failed). Raised on every rank alike, so no rank goes on alone."""

@@ -24,8 +24,8 @@ import os
 import shutil
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import CheckpointError
 from .ranks import ENTRY_TIMEOUT_S, agree, enter_together, world

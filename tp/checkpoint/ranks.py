@@ -17,9 +17,10 @@ checkpoint call fewer), so the program should end; that is the message's advice.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch.distributed as dist
 

@@ -246,8 +246,8 @@ def checkpoint_dtype(config, directory: Path) -> torch.dtype:
     files = checkpoint_files(directory)
     if not files:
         return torch.float32
-    with opened(sorted(set(files.values()))[0]) as f:
-        dtypes = [f.dtype(name) for name in f.keys()]
+    with opened(min(set(files.values()))) as f:
+        dtypes = [f.dtype(name) for name in f.header]
     floating = [d for d in dtypes if d.is_floating_point and d.itemsize > 1]  # float8 cannot be a model's dtype
     return floating[0] if floating else dtypes[0] if dtypes else torch.float32
 
