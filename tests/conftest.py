@@ -29,3 +29,19 @@ def _clean_env(monkeypatch):
 def llama_meta():
     """A full-size default llama on the meta device: plans and sizes, no memory."""
     return tp.testing.models.build(tp.testing.models.family_config("llama"), device="meta")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="run only the slow sweeps (tests marked slow), which the default run leaves out")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a sweep over many models or flags; run with --slow (.ci/run does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    slow = config.getoption("--slow")
+    chosen = [item for item in items if ("slow" in item.keywords) == slow]
+    config.hook.pytest_deselected(items=[item for item in items if item not in chosen])
+    items[:] = chosen

@@ -1,6 +1,8 @@
 """Config flags of published checkpoints that the tiny default configs never turn on, and inputs a
 user can get wrong: the sharded model matches the unsharded one, or raises what it raises."""
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -68,3 +70,22 @@ def test_expert_widths_grouped_mm_cannot_take_are_refused_with_the_sizes_that_wo
                      "multiple of 4, the 16 bytes per row that grouped_mm needs; choose a tensor-parallel size that "
                      "keeps them aligned, or set config._experts_implementation = 'eager'"]
     assert working == [1, 2]
+
+
+def test_an_untested_transformers_release_is_warned_about_once(monkeypatch):
+    import transformers
+
+    from tp.plan import versions
+
+    versions.warn_if_untested.cache_clear()
+    monkeypatch.setattr(transformers, "__version__", "9.1.0")
+    with pytest.warns(UserWarning, match=r"transformers 9.1.0 is not a release tp was tested with \(5.23, 5.24\)"):
+        versions.warn_if_untested()
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        assert versions.warn_if_untested() is not None
+    assert not again  # once per process
+    versions.warn_if_untested.cache_clear()
+    monkeypatch.setattr(transformers, "__version__", "5.24.0")
+    assert versions.warn_if_untested() is None
+    versions.warn_if_untested.cache_clear()

@@ -9,6 +9,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .checks.report import Report
 from .errors import AlreadyShardedError, MeshError
+from .plan.versions import warn_if_untested
 from .resolve import PlanOptions, resolve
 from .shard import shard
 from .sharding.tags import is_sharded
@@ -58,6 +59,7 @@ def apply(model: nn.Module, mesh: DeviceMesh, *, trial: bool = True, **options: 
     """
     tp = _check_mesh(mesh)
     _check_not_sharded(model)
+    warn_if_untested()
     resolved = resolve(model, tp, **options)
     if resolved.inference is not None:
         resolved = fit(model, mesh, resolved, dict(options), trial)

@@ -171,7 +171,8 @@ def model_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "labels": labels}
 
 
-def _verify_rank(spec: VerifySpec) -> dict:
+def verify_rank(spec: VerifySpec) -> dict:
+    """One rank's part of ``tp.verify``: the fields of a VerifyResult (run on every rank of a pool)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -258,8 +259,8 @@ def verify(
         family = "llama"
     spec = VerifySpec(family, model_factory, dict(config_overrides or {}), apply_kwargs, seed)
     if pool is not None:
-        results = pool.run(_verify_rank, spec)
+        results = pool.run(verify_rank, spec)
     else:
         with WorkerPool(tp) as own:
-            results = own.run(_verify_rank, spec)
+            results = own.run(verify_rank, spec)
     return VerifyResult(**results[0])
