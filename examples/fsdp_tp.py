@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 4 examples/fsdp_tp.py        # CPU, gloo: dp=2 x tp=2
     python examples/fsdp_tp.py                             # the same: starts 4 local processes itself
+    python examples/fsdp_tp.py --steps 1                   # one training step
     torchrun --nnodes 2 --nproc-per-node 8 ... examples/fsdp_tp.py --device cuda --tp 8   # NCCL
 
 How they compose (torchtitan's order), with dp the outer mesh dimension and tp the inner one,
@@ -102,6 +103,16 @@ def train(family: str, steps: int, tp_size: int, device: str) -> None:
               f"parameters max abs diff {diff:.1e}", flush=True)
 
 
+def world_size_problem(world: int, tp_size: int) -> str | None:
+    """Why ``world`` processes cannot make a (dp, tp) mesh with at least two dp groups, or None."""
+    if tp_size >= 1 and world % tp_size == 0 and world // tp_size >= 2:
+        return None
+    return (f"examples/fsdp_tp.py needs {2 * tp_size} processes for dp=2 x tp={tp_size} (or any multiple of "
+            f"{tp_size} with at least 2 dp groups), got {world}: "
+            f"torchrun --nproc-per-node {2 * tp_size} examples/fsdp_tp.py"
+            + (f" --tp {tp_size}" if tp_size != 2 else "") + ", or python examples/fsdp_tp.py without torchrun")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default="llama")
@@ -110,13 +121,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if "RANK" in os.environ:  # under torchrun
+        problem = world_size_problem(int(os.environ["WORLD_SIZE"]), args.tp)
+        if problem:  # before the process group: every rank stops at once, one says why
+            if os.environ["RANK"] == "0":
+                print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
         if args.device == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
         train(args.family, args.steps, args.tp, args.device)
         dist.destroy_process_group()
     else:
-        with WorkerPool(4) as pool:  # 4 local CPU processes joined by gloo
+        with WorkerPool(2 * args.tp) as pool:  # dp=2 x tp local CPU processes joined by gloo
             pool.run(train, args.family, args.steps, args.tp, "cpu")
 
 

@@ -2,6 +2,7 @@
 beside the unsharded model, and print both losses at every step.
 
     python examples/train_loss_parallel.py                        # starts 2 CPU ranks itself (gloo)
+    python examples/train_loss_parallel.py --steps 2              # fewer steps (default 10)
     torchrun --nproc-per-node 2 examples/train_loss_parallel.py   # the same under torchrun
 
 ``tp.apply(model, mesh, loss_parallel=True, sequence_parallel=True)`` leaves the logits a
@@ -11,7 +12,13 @@ exist on one rank (``tp.training.causal_lm_loss``). On GPUs it is the same code 
 ``init_device_mesh("cuda", ...)``.
 """
 
+import argparse
+import dataclasses
 import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing tp
 
 import torch.distributed as dist
 
@@ -30,15 +37,18 @@ def report(result: dict) -> str:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=SPEC.steps, help=f"training steps (default {SPEC.steps})")
+    spec = dataclasses.replace(SPEC, steps=parser.parse_args().steps)
     if "LOCAL_RANK" in os.environ:  # under torchrun
         dist.init_process_group("gloo")
-        result = compare_training(SPEC)
+        result = compare_training(spec)
         if dist.get_rank() == 0:
             print(report(result))
         dist.destroy_process_group()
     else:
         with WorkerPool(2) as pool:
-            print(report(pool.run(compare_training, SPEC)[0]))
+            print(report(pool.run(compare_training, spec)[0]))
 
 
 if __name__ == "__main__":
