@@ -191,3 +191,45 @@ def test_version_names_the_distribution_and_its_dependencies(cli):
     assert code == 0
     assert out.startswith("tp-dtensor ")
     assert f"torch {metadata.version('torch')}" in out and f"transformers {metadata.version('transformers')}" in out
+
+
+TOY_REGISTRY = """
+[families.toy]
+classes = ["ToyLM"]
+divide = ["attn.num_heads"]
+
+[families.toy.plan]
+"embed" = "embedding"
+"attn.qkv_*" = "colwise"
+"attn.proj" = "rowwise"
+"up" = "colwise"
+"down" = "rowwise"
+"head" = "lm_head"
+"""
+
+
+def test_plan_and_verify_a_model_of_ones_own_with_a_user_registry(cli, tmp_path):
+    """tests/toy.py stores its head count: the family's `divide` fixes it on each rank."""
+    registry = tmp_path / "toy.toml"
+    registry.write_text(TOY_REGISTRY)
+    code, out, _ = cli("plan", "--model", "tests.toy:make_toy", "--registry", str(registry))
+    assert code == 0 and out.startswith("tp plan: family toy, tp=2")
+    assert "  x 2 layers: blocks.0-1" in out.splitlines()
+    code, out, _ = cli("plan", "--model", "tests.toy:make_toy")  # no family: traced on the model
+    assert code == 0 and "embed                Embedding     embedding    inferred (dataflow)" in out
+    code, out, err = cli("verify", "--model", "tests.toy:make_toy", "--registry", str(registry), "--json")
+    data = json.loads(out)
+    assert code == 0, err
+    assert (data["result"], data["family"], data["per_block_forward"]) == ("PASS", "toy", 2)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("plan", "--model", "tests.toy"), "error: --model 'tests.toy': expected PACKAGE.MODULE:FACTORY"),
+    (("plan", "--model", "no_such_module:make"), "error: --model no_such_module:make: cannot import no_such_module"),
+    (("plan", "--model", "tests.toy:ToyLMX"), "error: --model tests.toy:ToyLMX: tests.toy has no function 'ToyLMX'"),
+    (("verify", "llama", "--model", "tests.toy:make_toy"), "error: give a family or model type ('llama') or --model"),
+    (("plan",), "error: give a family, a model type, a model directory or --model"),
+])
+def test_model_mistakes_are_one_line(cli, args, expected):
+    code, out, err = cli(*args)
+    assert (code, out) == (2, "") and err.startswith(expected) and len(err.splitlines()) == 1

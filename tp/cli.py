@@ -74,6 +74,9 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="a pattern that matches nothing is an error")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="shard the activations between blocks along the sequence")
+    p.add_argument("--model", default=None, metavar="PACKAGE.MODULE:FACTORY",
+                   help="your own model: a function that returns it, importable from the current directory "
+                        "or PYTHONPATH (instead of a family)")
     p.add_argument("--json", action="store_true", help="print one JSON object (schema: README, Command line)")
 
 
@@ -81,7 +84,52 @@ def _print_json(data: dict) -> None:
     print(json.dumps(data, indent=2))
 
 
+# ------------------------------------------------------------------------------- --model factories
+
+
+def model_factory(spec: str):
+    """The function ``--model package.module:factory`` names. The current directory is searched
+    as ``python -m`` does, for the ``tp`` command too; the ranks' processes inherit the path."""
+    import importlib
+
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise PlanError(f"--model {spec!r}: expected PACKAGE.MODULE:FACTORY, e.g. --model my_models:make_model")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise PlanError(f"--model {spec}: cannot import {module_name} ({e}); run from the directory that holds it "
+                        "or add that directory to PYTHONPATH") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise PlanError(f"--model {spec}: {module_name} has no function {name!r}"
+                        + (f" ({name} is a {type(factory).__name__})" if factory is not None else ""))
+    return factory
+
+
+def _only_one_model(args, named: str | None) -> None:
+    if args.model and named:
+        raise PlanError(f"give a family or model type ({named!r}) or --model {args.model}, not both")
+
+
 # ---------------------------------------------------------------------------------------- plan
+
+
+def _plan_model(args):
+    """(model, family or None) of the plan's target: --model, or on the meta device a local model
+    directory, a family or a model type."""
+    from .infer.tiny import build
+    from .testing.models import encoder_decoder
+
+    _only_one_model(args, args.target)
+    if args.model:  # built as the factory builds it: the plan of a model no family claims is traced on it
+        return model_factory(args.model)(), None
+    if not args.target:
+        raise PlanError("give a family, a model type, a model directory or --model PACKAGE.MODULE:FACTORY")
+    config, family = _meta_config(args)
+    return build(config, device="meta", encoder_decoder=encoder_decoder(config, family)), family
 
 
 def _meta_config(args):
@@ -105,14 +153,11 @@ def _meta_config(args):
 def _plan(args) -> int:
     from .checks import sizes
     from .checks.report import build as build_report
-    from .infer.tiny import build
     from .resolve import resolve
-    from .testing.models import encoder_decoder
 
     with warnings.catch_warnings(record=True) as caught:  # shown once, with the plan's own warnings
         warnings.simplefilter("always")
-        config, family = _meta_config(args)
-        model = build(config, device="meta", encoder_decoder=encoder_decoder(config, family))
+        model, family = _plan_model(args)
         resolved = resolve(model, args.tp, family=family, allreduce=args.allreduce, keep=args.keep,
                            config=args.config, registry=args.registry, strict=args.strict,
                            sequence_parallel=args.sequence_parallel)
@@ -124,7 +169,7 @@ def _plan(args) -> int:
     if args.tp == 1:
         report = dataclasses.replace(report, collectives=_no_collectives(report.collectives))
     report.warnings = list(dict.fromkeys([*report.warnings, *(str(w.message) for w in caught)]))
-    view = PlanView(model, report, args.target, working if problems else None)
+    view = PlanView(model, report, args.target or args.model, working if problems else None)
     if args.json:
         _print_json(view.as_json(show_all=args.all))
     else:
@@ -284,17 +329,23 @@ def _check_before_starting(args) -> None:
     """Bad input found here, in one process, costs a fraction of a second; found on the ranks it
     would wait for their start."""
     from .plan import overrides
+    from .plan.registry import load_registry
     from .testing.models import family_config
 
-    family_config(args.family, registry=args.registry)  # unknown family, unreadable registry
+    load_registry(args.registry)  # unreadable registry
+    if not args.model:
+        family_config(args.family, registry=args.registry)  # unknown family
     overrides.collect(args.allreduce, args.keep, args.config)  # unreadable config file
 
 
 def _verify(args) -> int:
     from .testing.verify import verify
 
+    _only_one_model(args, args.family)
+    args.family = None if args.model else args.family or "llama"
     _check_before_starting(args)
-    result = verify(args.family, tp=args.tp, allreduce=args.allreduce, keep=args.keep, config=args.config,
+    factory = model_factory(args.model) if args.model else None
+    result = verify(args.family, model_factory=factory, tp=args.tp, allreduce=args.allreduce, keep=args.keep, config=args.config,
                     registry=args.registry, strict=args.strict, sequence_parallel=args.sequence_parallel)
     if args.tp == 1:
         result = _measured_on_one_rank(result)
@@ -332,16 +383,16 @@ def parser() -> argparse.ArgumentParser:
     commands = top.add_subparsers(dest="command", required=True, metavar="{plan,verify,census}")
 
     plan = commands.add_parser("plan", help="dry run on the meta device: styles, sources, per-rank shapes")
-    plan.add_argument("target", help="a registry family (e.g. llama), any transformers model type, "
-                                     "or a local model directory")
+    plan.add_argument("target", nargs="?", help="a registry family (e.g. llama), any transformers model type, "
+                                                "or a local model directory (or --model)")
     plan.add_argument("--tiny", action="store_true", help="use the family's tiny test config, not its full size")
     plan.add_argument("--all", action="store_true", help="every module, not one block per block structure")
     _add_plan_options(plan)
     plan.set_defaults(run=_plan)
 
     verify = commands.add_parser("verify", help="shard a tiny model on CPU processes and compare with unsharded")
-    verify.add_argument("family", nargs="?", default="llama",
-                        help="registry family or transformers model type (default llama)")
+    verify.add_argument("family", nargs="?", default=None,
+                        help="registry family or transformers model type (default llama; or --model)")
     verify.add_argument("--show-plan", action="store_true", help="print the plan report too")
     _add_plan_options(verify)
     verify.set_defaults(run=_verify)
