@@ -20,7 +20,9 @@ def run(*args, env=None):
 @pytest.fixture
 def cli(capsys, monkeypatch):
     """``cli(*args)`` -> (exit code, stdout, stderr) of ``python -m tp ARGS``, run in this process."""
-    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")  # main() sets it when unset; keep it from leaking
+    # main() sets these when unset, for the rest of its process: keep them from leaking into other tests
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
+    monkeypatch.setenv("PYTHONWARNINGS", "default")
 
     def call(*args):
         try:
@@ -122,8 +124,12 @@ def test_tp_1_is_a_no_op_with_no_collectives(cli):
 
 
 def test_verify_prints_the_table_and_passes():
-    out = run("verify", "llama", "--tp", "2")
+    out = run("verify", "llama", "--tp", "2", "--keep", "nothing_matches")
     assert out.returncode == 0, out.stdout + out.stderr
+    # the warning once, before the table, not once per rank on stderr
+    assert out.stdout.startswith("warning: argument (linears only): pattern 'nothing_matches' matches no module\n"
+                                 "tp verify: family llama, tp=2\n")
+    assert "nothing_matches" not in out.stderr and out.stdout.count("nothing_matches") == 1
     for needle in ("logits max abs diff", "worst gradient, relative", "forward collectives",
                    "parameter bytes per rank", "result: PASS"):
         assert needle in out.stdout

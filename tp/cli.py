@@ -345,6 +345,9 @@ def _verify(args) -> int:
     args.family = None if args.model else args.family or "llama"
     _check_before_starting(args)
     factory = model_factory(args.model) if args.model else None
+    # Every rank would print each warning of tp.apply (and of its trial) again; the report's
+    # warnings are printed once below instead. Read by the ranks' processes when they start.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
     result = verify(args.family, model_factory=factory, tp=args.tp, allreduce=args.allreduce, keep=args.keep, config=args.config,
                     registry=args.registry, strict=args.strict, sequence_parallel=args.sequence_parallel)
     if args.tp == 1:
@@ -357,7 +360,10 @@ def _verify(args) -> int:
         _print_json(data)
     else:
         if args.show_plan:
-            print(result.report)
+            print(result.report)  # the plan's warnings are part of it
+        else:
+            for warning in result.warnings:
+                print(f"warning: {warning}")
         print(result.table())
     return 0 if result.ok else 1
 
