@@ -1,9 +1,18 @@
 """Shared gloo worker pools: each is started once per test session, not per test."""
 
+import os
+import tempfile
+import textwrap
+from pathlib import Path
+
 import pytest
 
 import tp.testing.models
 from tp.testing.launch import WorkerPool
+
+# Passed trials of family plans are remembered on disk; the tests start from none (set before
+# the worker pools start, so that they inherit it).
+os.environ["TP_TRIAL_CACHE"] = tempfile.mkdtemp(prefix="tp-trials-")
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +54,17 @@ def pytest_collection_modifyitems(config, items):
     chosen = [item for item in items if ("slow" in item.keywords) == slow]
     config.hook.pytest_deselected(items=[item for item in items if item not in chosen])
     items[:] = chosen
+
+
+@pytest.fixture
+def mine_registry(tmp_path):
+    """Write a user registry whose family ``mine`` extends llama with ``entries`` (TOML lines) in its
+    ``table`` (``plan`` or ``sequence_parallel``); returns its path."""
+
+    def write(entries: str, table: str = "plan") -> Path:
+        path = tmp_path / "registry.toml"
+        path.write_text(f'[families.mine]\nmodel_types = ["llama"]\nextends = "llama"\n[families.mine.{table}]\n'
+                        + textwrap.dedent(entries))
+        return path
+
+    return write

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import tp
+from tests.toy import TOY_REGISTRY
 from tp.cli import main
 
 
@@ -197,21 +198,6 @@ def test_version_names_the_distribution_and_its_dependencies(cli):
     assert code == 0
     assert out.startswith("tp-dtensor ")
     assert f"torch {metadata.version('torch')}" in out and f"transformers {metadata.version('transformers')}" in out
-
-
-TOY_REGISTRY = """
-[families.toy]
-classes = ["ToyLM"]
-divide = ["attn.num_heads"]
-
-[families.toy.plan]
-"embed" = "embedding"
-"attn.qkv_*" = "colwise"
-"attn.proj" = "rowwise"
-"up" = "colwise"
-"down" = "rowwise"
-"head" = "lm_head"
-"""
 
 
 def test_plan_and_verify_a_model_of_ones_own_with_a_user_registry(cli, tmp_path):

@@ -1,13 +1,13 @@
 """Every registered family with each config option that changes its forward turned on
-(tp/testing/flags.py finds them in the config class): sharded at TP=2 and 4 it matches the
+(tp/infer/flags.py finds them in the config class): sharded at TP=2 and 4 it matches the
 unsharded model, or tp refuses it before it runs. Slow: run with ``pytest --slow``."""
 
 import pytest
 import torch
 
 from tp.errors import TPError
+from tp.infer.flags import forward_flags
 from tp.plan.registry import load_registry
-from tp.testing.flags import forward_flags
 from tp.testing.models import family_config, tiny_model
 from tp.testing.verify import VerifyResult, VerifySpec, verify_rank
 

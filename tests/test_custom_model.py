@@ -4,21 +4,7 @@ import pytest
 
 import tp
 import tp.testing.launch
-from tests.toy import make_toy
-
-TOY_REGISTRY = """
-[families.toy]
-classes = ["ToyLM"]
-divide = ["attn.num_heads"]
-
-[families.toy.plan]
-"embed" = "embedding"
-"attn.qkv_*" = "colwise"
-"attn.proj" = "rowwise"
-"up" = "colwise"
-"down" = "rowwise"
-"head" = "lm_head"
-"""
+from tests.toy import TOY_REGISTRY, make_toy
 
 
 @pytest.fixture
@@ -36,10 +22,12 @@ def test_divided_head_counts_make_the_sharded_model_exact(toy_registry, pool2):
     assert "family toy" in result.report
 
 
-def test_without_divide_the_stored_head_count_breaks_loudly(tmp_path, pool2):
-    """Leaving out `divide` must fail with a shape error, never give a wrong result."""
+def test_without_divide_the_stored_head_count_is_refused_before_sharding(tmp_path, pool2):
+    """Leaving out `divide` must be refused (the trial on the model itself hits the shape error),
+    never give a wrong result."""
     path = tmp_path / "toy.toml"
     path.write_text(TOY_REGISTRY.replace('divide = ["attn.num_heads"]\n', ""))
-    with pytest.raises(tp.testing.launch.WorkerError) as err:
+    with pytest.raises(tp.PlanError) as err:  # the pool raises a rank's own tp error
         tp.verify(model_factory=make_toy, tp=2, pool=pool2, registry=str(path))
-    assert err.value.remote_type == "RuntimeError" and "shape" in err.value.remote_message
+    assert "the plan of family 'toy' does not reproduce the unsharded model" in str(err.value)
+    assert "RuntimeError: shape" in str(err.value)

@@ -86,7 +86,7 @@ def test_tp_plan_command_shows_the_contributed_style(user_registry):
     out = subprocess.run([sys.executable, "-m", "tp", "plan", "my_llama", "--tp", "2", "--tiny",
                           "--registry", str(user_registry)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    up = next(line for line in out.stdout.splitlines() if line.startswith("model.layers.1.mlp.up_proj "))
+    up = next(line for line in out.stdout.splitlines() if line.startswith("model.layers.0.mlp.up_proj "))
     assert up.split()[1:3] == ["Linear", "my_colwise(note=up)"] and up.endswith("weight [128, 64] -> [64, 64]")
 
 

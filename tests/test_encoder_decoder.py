@@ -67,9 +67,9 @@ def _layer_counts(family: str) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from tp.checks.compare import model_inputs
     from tp.testing.counter import CollectiveCounter
     from tp.testing.models import tiny_model
-    from tp.testing.verify import model_inputs
 
     model = tiny_model(family)
     tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - \

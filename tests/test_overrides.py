@@ -1,5 +1,5 @@
 """ALLREDUCE_LINEAR_ITEMS / KEEP_LINEAR_ITEMS overrides and their precedence, as documented in
-tp/plan/overrides.py, tp/plan/family.py and tp/resolve.py: arguments > environment > config file > family plan > inferred.
+tp/plan/overrides.py, tp/plan/family.py and tp/resolution.py: arguments > environment > config file > family plan > inferred.
 
 Plans are resolved with ``tp.resolve`` on the meta device; one test shards for real on 2 ranks."""
 
@@ -311,15 +311,8 @@ def test_unmatched_pattern_strict_raises(llama_meta, tmp_path, monkeypatch, wher
     assert "strict" in message
 
 
-def test_strict_family_pattern_that_matches_nothing(llama_meta, tmp_path):
-    registry = tmp_path / "registry.toml"
-    registry.write_text(textwrap.dedent("""
-        [families.mine]
-        model_types = ["llama"]
-        extends = "llama"
-        [families.mine.plan]
-        "layers.*.mlp.gate_prj" = "colwise"
-        """))
+def test_strict_family_pattern_that_matches_nothing(llama_meta, mine_registry):
+    registry = mine_registry('"layers.*.mlp.gate_prj" = "colwise"')
     with pytest.warns(UserWarning, match="gate_prj"):
         tp.resolve(llama_meta, 2, registry=registry)
     with pytest.raises(tp.PlanError, match="family 'mine'.*gate_prj"):

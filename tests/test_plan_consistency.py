@@ -2,7 +2,6 @@
 module and the override or registry entry that caused it (tp/checks/consistency.py).
 ``tp.resolve`` lists the problems (``tp plan`` shows them); ``tp.apply`` refuses."""
 
-import textwrap
 
 import pytest
 
@@ -70,15 +69,8 @@ def test_the_environment_and_a_config_file_are_named_as_the_source(llama_meta, m
     assert any("v_proj (keep, from config file" in line for line in found), found
 
 
-def test_a_registry_entry_that_contradicts_the_plan_is_named(llama_meta, tmp_path):
-    registry = tmp_path / "registry.toml"
-    registry.write_text(textwrap.dedent("""
-        [families.mine]
-        model_types = ["llama"]
-        extends = "llama"
-        [families.mine.plan]
-        "layers.*.mlp.down_proj" = "colwise"
-        """))
+def test_a_registry_entry_that_contradicts_the_plan_is_named(llama_meta, mine_registry):
+    registry = mine_registry('"layers.*.mlp.down_proj" = "colwise"')
     found = tp.resolve(llama_meta, 2, registry=registry).inconsistencies
     assert any("down_proj (colwise, from family mine 'layers.*.mlp.down_proj') reads sharded features" in line
                for line in found), found

@@ -3,7 +3,6 @@ and 8: tp.resolve and the size check give a plan or name each size that does not
 layout fails to build. Tiny models alone cannot show this: their widths may coincide where real
 ones differ."""
 
-import textwrap
 
 import pytest
 
@@ -35,15 +34,8 @@ def test_an_inferred_moe_plans_at_published_size():
     assert str(plan.decisions["model.layers.0.mlp.shared_expert.gate_proj"].style) == "colwise"
 
 
-def test_a_layout_that_does_not_fit_its_module_is_named(tmp_path, llama_meta):
-    registry = tmp_path / "registry.toml"
-    registry.write_text(textwrap.dedent("""
-        [families.mine]
-        model_types = ["llama"]
-        extends = "llama"
-        [families.mine.plan]
-        "layers.*.mlp.up_proj" = { style = "colwise", parts = ["kv"] }
-        """))
+def test_a_layout_that_does_not_fit_its_module_is_named(mine_registry, llama_meta):
+    registry = mine_registry('"layers.*.mlp.up_proj" = { style = "colwise", parts = ["kv"] }')
     lines, working = tp.checks.sizes.problems(llama_meta, tp.resolve(llama_meta, 2, registry=registry), 2)
     assert lines == ["model.layers.*.mlp.up_proj: colwise(parts=[kv]): Linear (colwise): parts ['kv'] make 32 "
                      "rows (Heads(q=8, kv=4, dim=8)), but the dimension has 128; check the family's parts"]

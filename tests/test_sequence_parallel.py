@@ -5,7 +5,6 @@ row-parallel output), the backward their mirror; the residual stream between blo
 of the unsharded bytes on each rank. Same tolerances as test_families.py.
 """
 
-import textwrap
 
 import pytest
 
@@ -59,25 +58,15 @@ def test_refused_families_say_why(family, words):
     tp.resolve(model, 2)  # tensor parallelism alone is fine
 
 
-def test_registry_sync_points_are_validated(tmp_path, llama_meta):
-    path = tmp_path / "registry.toml"
-    path.write_text(textwrap.dedent("""
-        [families.mine]
-        model_types = ["llama"]
-        extends = "llama"
-        [families.mine.sequence_parallel]
-        "model.embed_tokens" = { style = "sequence_shard", sequence_dim = "one" }
-        """))
+def test_registry_sync_points_are_validated(mine_registry, llama_meta):
+    path = mine_registry('"model.embed_tokens" = { style = "sequence_shard", sequence_dim = "one" }',
+                         "sequence_parallel")
     with pytest.raises(tp.RegistryError):
         tp.resolve(llama_meta, 2, registry=path, sequence_parallel=True)
-    path.write_text(textwrap.dedent("""
-        [families.mine]
-        model_types = ["llama"]
-        extends = "llama"
-        [families.mine.sequence_parallel]
+    path = mine_registry("""
         "model.rotary_emb" = "sequence_shard"
         "layers.*.nothing_here" = "sequence_shard"
-        """))
+        """, "sequence_parallel")
     with pytest.warns(UserWarning, match="'layers.\\*.nothing_here' matches no module"):
         plan = tp.resolve(llama_meta, 2, registry=path, sequence_parallel=True)
     assert plan.decisions["model.rotary_emb"].style.name == "sequence_shard"

@@ -62,3 +62,19 @@ class ToyLM(nn.Module):
 
 def make_toy() -> ToyLM:
     return ToyLM()
+
+
+# Its family, for a user registry: `divide` sets the per-rank head count the model stores.
+TOY_REGISTRY = """
+[families.toy]
+classes = ["ToyLM"]
+divide = ["attn.num_heads"]
+
+[families.toy.plan]
+"embed" = "embedding"
+"attn.qkv_*" = "colwise"
+"attn.proj" = "rowwise"
+"up" = "colwise"
+"down" = "rowwise"
+"head" = "lm_head"
+"""

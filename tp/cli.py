@@ -153,7 +153,7 @@ def _meta_config(args):
 def _plan(args) -> int:
     from .checks import sizes
     from .checks.report import build as build_report
-    from .resolve import resolve
+    from .resolution import resolve
 
     with warnings.catch_warnings(record=True) as caught:  # shown once, with the plan's own warnings
         warnings.simplefilter("always")

@@ -15,11 +15,16 @@ from .sharding.heads import set_local_counts
 from .sharding.ties import retie, tied_groups
 
 
+def refuse_inconsistent(model: nn.Module, resolved: ResolvedPlan) -> None:
+    """Raise PlanError listing where the plan's styles do not fit together, if anywhere."""
+    if resolved.inconsistencies:
+        raise PlanError(f"{type(model).__name__}: the plan is inconsistent:\n  " + "\n  ".join(resolved.inconsistencies))
+
+
 def shard(model: nn.Module, mesh: DeviceMesh, resolved: ResolvedPlan) -> report_.Report:
     """Shard ``model`` in place by ``resolved`` over the 1-D ``mesh``; returns the report."""
     tp = mesh.size()
-    if resolved.inconsistencies:
-        raise PlanError(f"{type(model).__name__}: the plan is inconsistent:\n  " + "\n  ".join(resolved.inconsistencies))
+    refuse_inconsistent(model, resolved)
     sizes.check(model, resolved, tp)
     report = report_.build(model, resolved, tp)
     ties = tied_groups(model)

@@ -11,7 +11,13 @@ the ones at fault; those stay whole, and the report says why.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
+import re
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -25,12 +31,15 @@ from .checks.compare import (
     for_checking,
     gradient_errors,
     logits_error,
+    model_inputs,
+    takes_token_ids,
     token_ids,
 )
 from .errors import PlanError
+from .infer.inference import twin_of
 from .infer.plan import is_end_unit
 from .plan.resolved import ResolvedPlan
-from .resolve import resolve_units
+from .resolution import resolve_units
 from .shard import shard
 
 
@@ -50,9 +59,9 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {first[:200]}"
 
 
-def run_trial(twin: nn.Module, mesh: DeviceMesh, units: set[str], options: dict) -> TrialResult:
-    """Shard a copy of ``twin`` with only ``units`` of its inferred plan and compare it with
-    the unsharded copy (logits, every gradient)."""
+def run_trial(twin: nn.Module, mesh: DeviceMesh, units: set[str] | None, options: dict) -> TrialResult:
+    """Shard a copy of ``twin`` with its plan (only ``units`` of an inferred one) and compare it
+    with the unsharded copy (logits, every gradient)."""
     reference = for_checking(copy.deepcopy(twin).float())
     sharded = copy.deepcopy(reference)
     ids = trial_inputs(reference)
@@ -61,9 +70,10 @@ def run_trial(twin: nn.Module, mesh: DeviceMesh, units: set[str], options: dict)
     except Exception as e:  # sizes that do not divide, a style that does not fit the module
         return TrialResult(False, _first_line(e))
     try:
-        ref_out = reference(input_ids=ids, labels=ids)
+        inputs = model_inputs(reference, ids)
+        ref_out = reference(**inputs)
         ref_out.loss.backward()
-        out = sharded(input_ids=ids, labels=ids)
+        out = sharded(**inputs)
         out.loss.backward()
         errors = [(logits_error(out.logits, ref_out.logits), "the logits")]
         errors += [(error, f"the gradient of {name}") for name, error in gradient_errors(reference, sharded).items()]
@@ -117,3 +127,55 @@ def fit(model: nn.Module, mesh: DeviceMesh, resolved: ResolvedPlan, options: dic
     fitted = resolve_units(model, units={key for key in working if key not in dropped}, **options)
     fitted.warnings += [f"{key} stays whole: {why}" for key, why in dropped.items()]
     return fitted
+
+
+CACHE_ENV = "TP_TRIAL_CACHE"  # where passed trials of family plans are remembered
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tp" / "trials")
+
+
+def _trial_key(model: nn.Module, resolved: ResolvedPlan, tp: int, traced: str) -> str:
+    """What a passed trial depends on: the model class and the flags its twin keeps (``traced``
+    names them), the transformers and torch releases, the TP size and the plan itself."""
+    import transformers
+
+    plan = sorted({(re.sub(r"\.\d+(?=\.|$)", ".*", path), str(d.style)) for path, d in resolved.decisions.items()})
+    facts = [type(model).__qualname__, traced, transformers.__version__, torch.__version__, tp, resolved.family,
+             plan, sorted(resolved.local_counts.items()), resolved.divide]
+    return hashlib.sha256(json.dumps(facts, default=str).encode()).hexdigest()[:32]
+
+
+def try_family_plan(model: nn.Module, mesh: DeviceMesh, resolved: ResolvedPlan, options: dict) -> str:
+    """Shard a twin of ``model`` (itself when small, else a tiny model of its class with its
+    config's flags) with the family's plan on ``mesh`` and compare it with the unsharded twin,
+    unless the same trial passed before (a file in ``$TP_TRIAL_CACHE``, default
+    ~/.cache/tp/trials). Raises PlanError when it fails; returns what was done, for the report."""
+    found = twin_of(model)
+    if found is None:
+        return "not tried: no twin of this model can be built"
+    twin, traced = found
+    if not takes_token_ids(twin):
+        return f"not tried: {type(twin).__name__} has no token embedding to feed; check it with tp.verify(model_factory=...)"
+    path = _cache_dir() / f"{_trial_key(model, resolved, mesh.size(), traced)}.json"
+    # every rank must take the same branch: the trial is collective
+    cached = torch.tensor([int(path.is_file())])
+    dist.all_reduce(cached, op=dist.ReduceOp.MIN, group=mesh.get_group())
+    if cached.item():
+        return f"passed on {traced} before (cached in {path.parent})"
+    start = time.perf_counter()
+    result = run_trial(twin, mesh, None, {**options, "loss_parallel": False})
+    if not result.ok:
+        raise PlanError(
+            f"{type(model).__name__}: the plan of family {resolved.family!r} does not reproduce the unsharded model "
+            f"when tried on {traced}: {result.reason}. The family may not fit this transformers release or these "
+            "config flags; check it with `python -m tp verify`, or pass trial=False to shard without this check")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({"traced": traced, "tp": mesh.size()}))
+        temporary.replace(path)
+    except OSError:  # a read-only home: the trial runs again next time
+        pass
+    return f"passed on {traced} in {time.perf_counter() - start:.1f} s"

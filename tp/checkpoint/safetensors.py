@@ -24,8 +24,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from ..apply import apply
 from ..errors import CheckpointError
+from ..parallelize import apply
 from ..sharding.gather import full_state_dict
 from ..sharding.tags import copy_tags, local_shard_of, local_shard_parameter
 from ..sharding.ties import retie, tied_groups

@@ -28,6 +28,11 @@ def for_checking(model: nn.Module) -> nn.Module:
     return model.train(model_type in TRAINING_MODE_ONLY)
 
 
+def takes_token_ids(model: nn.Module) -> bool:
+    """Whether a check can feed ``model`` token ids: it has a token embedding."""
+    return isinstance(getattr(model, "get_input_embeddings", lambda: None)(), nn.Embedding)
+
+
 def token_ids(model: nn.Module, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """Random token ids that both the input embedding and the logits cover (CPM-Ant's embedding
     also holds prompt tokens the vocabulary lacks), avoiding the special ids 0-2."""
@@ -67,3 +72,20 @@ def gradient_errors(reference: nn.Module, sharded: nn.Module) -> dict[str, float
             continue
         errors[name] = max_rel(full_tensor(param.grad, like=param), ref_grad, floor)
     return errors
+
+
+def model_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Keyword arguments for one forward with a loss: a causal LM reads ``ids`` and predicts them.
+    An encoder-decoder model encodes ``ids`` and decodes labels of half their length (reversed),
+    so that cross-attention sees queries and keys of different lengths; the model shifts the labels
+    into ``decoder_input_ids``. A speech encoder (Whisper) reads seeded random features
+    ``[batch, num_mel_bins, 2 * max_source_positions]`` instead of ``ids``."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return {"input_ids": ids, "labels": ids}
+    labels = ids.flip(-1)[:, : max(ids.shape[-1] // 2, 1)].contiguous()
+    if getattr(model, "main_input_name", "input_ids") == "input_features":
+        shape = (ids.shape[0], config.num_mel_bins, 2 * config.max_source_positions)
+        features = torch.randn(shape, generator=torch.Generator().manual_seed(int(ids.sum())))
+        return {"input_features": features, "labels": labels}
+    return {"input_ids": ids, "labels": labels}

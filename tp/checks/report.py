@@ -47,6 +47,7 @@ class Report:
     collectives: Collectives
     warnings: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    trial: str = ""  # how the plan was tried before sharding (tp.apply sets it)
 
     def style_of(self, module: str) -> str | None:
         return next((r.style for r in self.rows if r.module == module), None)
@@ -69,6 +70,8 @@ class Report:
             f"(embedding, lm_head) = {c.forward}; backward {c.backward_per_block} per block x {c.blocks} + "
             f"{c.backward_outside} = {c.backward}"
         )
+        if self.trial:
+            lines.append(f"trial: {self.trial}")
         lines += [f"warning: {w}" for w in self.warnings]
         lines += [f"problem: {p}" for p in self.problems]
         return "\n".join(lines)

@@ -43,7 +43,7 @@ class Inference:
     problems: list[str] = field(default_factory=list)
 
 
-def _twin(model: nn.Module) -> tuple[nn.Module, str] | None:
+def twin_of(model: nn.Module) -> tuple[nn.Module, str] | None:
     """A model to trace: ``model`` itself if small and real, else a tiny one of its type."""
     params = list(model.parameters())
     small = sum(p.numel() for p in params) <= TWIN_MAX_PARAMS
@@ -52,10 +52,13 @@ def _twin(model: nn.Module) -> tuple[nn.Module, str] | None:
     config = getattr(model, "config", None)
     if config is None or not getattr(config, "model_type", None):
         return None
+    from .flags import flags_of
     from .tiny import build, tiny_config
 
-    twin = build(tiny_config(config.model_type), device="cpu")
-    return twin, f"a tiny {type(twin).__name__}"
+    flags = flags_of(config)
+    twin = build(tiny_config(config.model_type, **flags), device="cpu")
+    shown = f" with {', '.join(f'{k}={v}' for k, v in flags.items())}" if flags else ""
+    return twin, f"a tiny {type(twin).__name__}{shown}"
 
 
 def _trace_input(model: nn.Module):
@@ -80,7 +83,7 @@ class Trace:
 
 def trace(model: nn.Module) -> Trace | None:
     """Trace ``model`` (or its twin); None when it cannot be traced (no twin, no token embedding)."""
-    found = _twin(model)
+    found = twin_of(model)
     if found is None:
         return None
     twin, traced = found

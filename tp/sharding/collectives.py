@@ -14,6 +14,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_global_tensor_info
 
 
 class _ReduceGradInBackward(torch.autograd.Function):
@@ -63,7 +64,9 @@ class _OwnedLocal(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         spec = ctx.spec
-        return DTensor.from_local(grad, spec.mesh, spec.placements, shape=spec.shape, stride=spec.stride,
+        # the gradient's own strides (T5's is not contiguous), as DTensor's to_local computes them
+        _, stride = compute_global_tensor_info(grad, spec.mesh, spec.placements)
+        return DTensor.from_local(grad, spec.mesh, spec.placements, shape=spec.shape, stride=tuple(stride),
                                   run_check=False)
 
 

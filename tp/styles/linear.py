@@ -32,6 +32,13 @@ from .layout import (
 )
 
 
+def _owned_output(output_layouts, use_local_output, mod, outputs, device_mesh):
+    """torch's output preparation of the column and row styles, leaving DTensor by ``to_local``."""
+    if outputs.placements != output_layouts:
+        outputs = outputs.redistribute(placements=output_layouts, async_op=True)
+    return to_local(outputs) if use_local_output else outputs
+
+
 class OwnedColwiseParallel(ColwiseParallel):
     """torch's ColwiseParallel whose local output the model may change in place (OLMo clamps q, k
     and v with ``clamp_``): the output is ``tp.sharding.collectives.to_local``'s alias, not the
@@ -41,11 +48,7 @@ class OwnedColwiseParallel(ColwiseParallel):
         >>> parallelize_module(model, mesh, {"layers.0.self_attn.q_proj": OwnedColwiseParallel()})
     """
 
-    @staticmethod
-    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
-        if outputs.placements != output_layouts:
-            outputs = outputs.redistribute(placements=output_layouts, async_op=True)
-        return to_local(outputs) if use_local_output else outputs
+    _prepare_output_fn = staticmethod(_owned_output)
 
 
 class OwnedRowwiseParallel(RowwiseParallel):
@@ -56,11 +59,7 @@ class OwnedRowwiseParallel(RowwiseParallel):
         >>> parallelize_module(model, mesh, {"layers.0.mlp.dense_4h_to_h": OwnedRowwiseParallel()})
     """
 
-    @staticmethod
-    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
-        if outputs.placements != output_layouts:
-            outputs = outputs.redistribute(placements=output_layouts, async_op=True)
-        return to_local(outputs) if use_local_output else outputs
+    _prepare_output_fn = staticmethod(_owned_output)
 
 
 class RowwiseIntoSharded(RowwiseParallel):

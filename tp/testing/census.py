@@ -103,7 +103,7 @@ def _plan_facts(model_type: str, tps: tuple[int, ...]) -> tuple[str, str, dict[i
     plan does not depend on the TP size; only the size checks do."""
     from ..checks import sizes
     from ..infer.hf_plans import describe, transformers_plan
-    from ..resolve import resolve
+    from ..resolution import resolve
 
     model = tiny_model(model_type)
     theirs = describe(transformers_plan(model))

@@ -45,8 +45,8 @@ def compare_training(spec: TrainingSpec) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from ..apply import apply
     from ..infer.tiny import build
+    from ..parallelize import apply
     from .models import family_config
 
     reference = build(family_config(spec.family, **dict(spec.config_overrides)), seed=spec.seed).train()

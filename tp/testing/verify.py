@@ -16,7 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks.compare import GRAD_RTOL, LOGITS_ATOL, gradient_errors, logits_error
+from ..checks.compare import (
+    GRAD_RTOL,
+    LOGITS_ATOL,
+    gradient_errors,
+    logits_error,
+    model_inputs,
+)
 from ..plan.structure import find_blocks
 from ..sharding.gather import full_tensor
 from .counter import CollectiveCounter
@@ -154,30 +160,13 @@ def _count_in_first_block(model: nn.Module, counter: CollectiveCounter) -> _Bloc
     return found
 
 
-def model_inputs(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Keyword arguments for one forward with a loss: a causal LM reads ``ids`` and predicts them.
-    An encoder-decoder model encodes ``ids`` and decodes labels of half their length (reversed),
-    so that cross-attention sees queries and keys of different lengths; the model shifts the labels
-    into ``decoder_input_ids``. A speech encoder (Whisper) reads seeded random features
-    ``[batch, num_mel_bins, 2 * max_source_positions]`` instead of ``ids``."""
-    config = getattr(model, "config", None)
-    if not getattr(config, "is_encoder_decoder", False):
-        return {"input_ids": ids, "labels": ids}
-    labels = ids.flip(-1)[:, : max(ids.shape[-1] // 2, 1)].contiguous()
-    if getattr(model, "main_input_name", "input_ids") == "input_features":
-        shape = (ids.shape[0], config.num_mel_bins, 2 * config.max_source_positions)
-        features = torch.randn(shape, generator=torch.Generator().manual_seed(int(ids.sum())))
-        return {"input_features": features, "labels": labels}
-    return {"input_ids": ids, "labels": labels}
-
-
 def verify_rank(spec: VerifySpec) -> dict:
     """One rank's part of ``tp.verify``: the fields of a VerifyResult (run on every rank of a pool)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from ..apply import apply
     from ..checks.compare import for_checking, token_ids
+    from ..parallelize import apply
     from .models import registered_family, tiny_model
 
     world = dist.get_world_size()

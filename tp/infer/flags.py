@@ -59,3 +59,15 @@ def forward_flags(config_class: type) -> list[tuple[str, Any]]:
         elif default == 1.0 and float in kinds and SCALES.search(name):
             found.append((name, 0.5))
     return found
+
+
+def flags_of(config) -> dict[str, Any]:
+    """The forward-changing options ``config`` sets away from its class's defaults (the flags a
+    tiny twin of the model must keep)."""
+    defaults = {name: p.default for name, p in inspect.signature(type(config).__init__).parameters.items()}
+    found = {}
+    for name, _ in forward_flags(type(config)):
+        value = getattr(config, name, defaults.get(name))
+        if value != defaults.get(name):
+            found[name] = value
+    return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Unpack
 
 from torch import nn
@@ -10,10 +11,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from .checks.report import Report
 from .errors import AlreadyShardedError, MeshError
 from .plan.versions import warn_if_untested
-from .resolve import PlanOptions, resolve
-from .shard import shard
+from .resolution import PlanOptions, resolve
+from .shard import refuse_inconsistent, shard
 from .sharding.tags import is_sharded
-from .trial import fit
+from .trial import fit, try_family_plan
 
 
 def _check_mesh(mesh: DeviceMesh) -> int:
@@ -44,11 +45,13 @@ def apply(model: nn.Module, mesh: DeviceMesh, *, trial: bool = True, **options: 
     Args:
         model: an unsharded model, e.g. from ``AutoModelForCausalLM.from_config``.
         mesh: a 1-D DeviceMesh of the tensor-parallel ranks.
-        trial: for a plan inferred from the traced dataflow (no registry family), first shard a
-            copy of the traced model on ``mesh`` and keep only the parts of the plan that match
-            the unsharded copy (tp/trial.py). Every rank must call ``apply`` with the same model.
+        trial: first shard a twin of the model (the model itself when small, else a tiny model of
+            its class with its config's flags) on ``mesh`` and compare it with the unsharded twin
+            (tp/trial.py). A family's plan that fails is refused; a plan inferred from the traced
+            dataflow keeps only its units that pass. A passed family trial is remembered on disk
+            (``$TP_TRIAL_CACHE``). Every rank must call ``apply`` with the same model.
         options: ``family``, ``allreduce``, ``keep``, ``config``, ``registry``, ``strict``,
-            ``loss_parallel``, ``sequence_parallel`` (``tp.resolve.PlanOptions`` says what each does).
+            ``loss_parallel``, ``sequence_parallel`` (``tp.resolution.PlanOptions`` says what each does).
             With sequence parallelism the model's hidden states between blocks are
             sequence-sharded DTensors.
 
@@ -61,6 +64,16 @@ def apply(model: nn.Module, mesh: DeviceMesh, *, trial: bool = True, **options: 
     _check_not_sharded(model)
     warn_if_untested()
     resolved = resolve(model, tp, **options)
+    refuse_inconsistent(model, resolved)  # before any trial: it would only fail on the same grounds
+    tried = ""
+    if not trial:
+        warnings.warn("trial=False: the plan is not tried on a twin of the model against the unsharded twin, so a "
+                      "plan that does not fit this model's code (another transformers release, a config flag) would "
+                      "shard it silently wrong; check it with tp.verify", stacklevel=2)
     if resolved.inference is not None:
         resolved = fit(model, mesh, resolved, dict(options), trial)
-    return shard(model, mesh, resolved)
+    elif trial:
+        tried = try_family_plan(model, mesh, resolved, dict(options))
+    report = shard(model, mesh, resolved)
+    report.trial = tried
+    return report
