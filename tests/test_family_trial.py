@@ -71,3 +71,9 @@ def test_the_twin_of_a_large_model_keeps_its_config_flags():
     twin, traced = twin_of(model)
     assert (twin.config.clip_qkv, twin.config.attention_bias) == (8.0, True)
     assert twin.config.hidden_size == 64 and traced == "a tiny OlmoForCausalLM with attention_bias=True, clip_qkv=8.0"
+
+
+def test_tp_1_expects_no_collectives_and_verifies():
+    # one rank communicates nothing: the report predicts 0 / 0, and tp.verify passes
+    result = tp.verify("llama", tp=1)
+    assert result.ok and (result.expected_forward, result.expected_backward) == (0, 0), result.table()

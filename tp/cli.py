@@ -166,8 +166,6 @@ def _plan(args) -> int:
         problems.append(f"TP sizes that divide every sharded size: {', '.join(map(str, working))}")
     problems = resolved.inconsistencies + problems
     report = build_report(model, resolved, args.tp, problems)
-    if args.tp == 1:
-        report = dataclasses.replace(report, collectives=_no_collectives(report.collectives))
     report.warnings = list(dict.fromkeys([*report.warnings, *(str(w.message) for w in caught)]))
     view = PlanView(model, report, args.target or args.model, working if problems else None)
     if args.json:
@@ -175,11 +173,6 @@ def _plan(args) -> int:
     else:
         print(view.text(show_all=args.all))
     return 1 if problems else 0
-
-
-def _no_collectives(c):
-    """On one rank DTensor communicates nothing; the styles' predictions count what they do on several."""
-    return dataclasses.replace(c, forward_per_block=0, backward_per_block=0, forward_outside=0, backward_outside=0)
 
 
 _PARAMETER = re.compile(r"([\w.]+) \[([\d, ]*)\] -> \[([\d, ]*)\]")
@@ -350,8 +343,6 @@ def _verify(args) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     result = verify(args.family, model_factory=factory, tp=args.tp, allreduce=args.allreduce, keep=args.keep, config=args.config,
                     registry=args.registry, strict=args.strict, sequence_parallel=args.sequence_parallel)
-    if args.tp == 1:
-        result = _measured_on_one_rank(result)
     if args.json:
         data = {"command": "verify", "result": "PASS" if result.ok else "FAIL", "ok": result.ok,
                 "collectives_ok": result.collectives_ok, **dataclasses.asdict(result)}
@@ -366,15 +357,6 @@ def _verify(args) -> int:
                 print(f"warning: {warning}")
         print(result.table())
     return 0 if result.ok else 1
-
-
-def _measured_on_one_rank(result):
-    """At TP=1 nothing is communicated: the expected counts are zero, per block too."""
-    blocks = max(result.blocks, 1)
-    return dataclasses.replace(
-        result, expected_forward=0, expected_backward=0,
-        per_block_forward=sum(result.forward_collectives.values()) // blocks,
-        per_block_backward=sum(result.backward_collectives.values()) // blocks)
 
 
 # ---------------------------------------------------------------------------------------- main

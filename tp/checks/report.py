@@ -100,6 +100,8 @@ def expected_collectives(model: nn.Module, plan: ResolvedPlan, tp: int) -> Colle
     all-reduce becomes a reduce-scatter and an all-gather."""
     decisions = plan.decisions
     blocks = find_blocks(model)
+    if tp == 1:  # one rank communicates nothing; the styles declare what they do on several
+        return Collectives(0, 0, 0, 0, len(blocks))
     sp = plan.sequence_parallel
 
     def count(paths):
