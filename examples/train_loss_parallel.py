@@ -8,7 +8,7 @@ beside the unsharded model, and print both losses at every step.
 ``tp.apply(model, mesh, loss_parallel=True, sequence_parallel=True)`` leaves the logits a
 vocab-sharded DTensor: inside ``torch.distributed.tensor.parallel.loss_parallel()`` the
 cross-entropy is computed on the shards, so the full ``[batch, sequence, vocab]`` logits never
-exist on one rank (``tp.training.causal_lm_loss``). On GPUs it is the same code with NCCL and
+exist on one rank (``tp.testing.training.causal_lm_loss``). On GPUs it is the same code with NCCL and
 ``init_device_mesh("cuda", ...)``.
 """
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import tp
+import tp.testing.models
 
 FAMILIES = ("t5", "bart", "whisper")
 ENCODER_LAYERS = DECODER_LAYERS = 2  # the tiny models of registry.toml

@@ -13,6 +13,8 @@ import functools
 import pytest
 
 import tp
+import tp.checks.sizes
+import tp.testing.models
 
 # Families of language models (the convolutional example is tested in test_conv.py; the
 # encoder-decoder families t5, bart and whisper, which name classes and cost 3 all-reduces per

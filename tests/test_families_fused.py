@@ -20,6 +20,7 @@ import pytest
 
 import tp
 import tp.checks.sizes
+import tp.testing.models
 from tp.testing.verify import VerifyResult
 
 FALCON_SIZES = {"hidden_size": 64, "num_attention_heads": 8, "num_hidden_layers": 2, "ffn_hidden_size": 128,

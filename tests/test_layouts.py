@@ -14,7 +14,9 @@ from torch.distributed.tensor import Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import tp
+import tp.checks.sizes
 import tp.testing.launch
+import tp.testing.models
 from tp.errors import PlanError
 from tp.sharding.heads import Heads
 from tp.sharding.layouts import Layout, Part

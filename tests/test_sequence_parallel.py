@@ -9,6 +9,7 @@ of the unsharded bytes on each rank. Same tolerances as test_families.py.
 import pytest
 
 import tp
+import tp.testing.models
 from tests.test_families import EXTRA_BACKWARD, FAMILIES
 
 REFUSED = {"opt": "flattens batch and sequence", "mixtral": "packed experts", "mamba": "whole sequence", "jamba": "whole sequence", "mamba2": "whole sequence", "bamba": "whole sequence", "zamba2": "whole sequence"}

@@ -371,7 +371,9 @@ class YuanPreTrainedModel(PreTrainedModel):
 
 
 class YuanModel(YuanPreTrainedModel):
-    """Embeddings, decoder layers and the final norm; returns the last hidden states."""
+    """Embeddings, decoder layers and the final norm; returns the last hidden states.
+    (``get_input_embeddings`` and the rest are PreTrainedModel's, which find ``embed_tokens``
+    and ``lm_head`` by name.)"""
 
     def __init__(self, config: YuanConfig):
         super().__init__(config)
@@ -380,12 +382,6 @@ class YuanModel(YuanPreTrainedModel):
         self.layers = nn.ModuleList(YuanDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = YuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
 
     def forward(
         self,
@@ -472,18 +468,6 @@ class YuanForCausalLM(YuanPreTrainedModel, GenerationMixin):
         self.model = YuanModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
 
     def forward(
         self,
