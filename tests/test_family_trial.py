@@ -77,3 +77,15 @@ def test_tp_1_expects_no_collectives_and_verifies():
     # one rank communicates nothing: the report predicts 0 / 0, and tp.verify passes
     result = tp.verify("llama", tp=1)
     assert result.ok and (result.expected_forward, result.expected_backward) == (0, 0), result.table()
+
+
+def test_twin_flags_leave_out_sizes_and_per_layer_lists():
+    from transformers import AutoConfig
+
+    from tp.infer.flags import flags_of
+
+    # xlnet's d_head is a size; Gemma 3n's activation sparsity is one value per real layer
+    assert flags_of(AutoConfig.for_model("xlnet")) == {}
+    assert flags_of(AutoConfig.for_model("gemma3n_text")) == {}
+    assert flags_of(AutoConfig.for_model("olmo", clip_qkv=8.0, attention_bias=True)) == \
+        {"attention_bias": True, "clip_qkv": 8.0}

@@ -24,7 +24,7 @@ from typing import Any
 
 # arguments that are sizes, ids or bookkeeping: changing them changes shapes, not code paths
 NOT_A_FLAG = re.compile(
-    r"size|heads|dim|layers|vocab|token_id|positions|experts|rank|groups|num_|_id$|^use_cache$|initializer|inner|"
+    r"size|head|dim|layers|vocab|token_id|positions|experts|rank|groups|num_|_id$|^use_cache$|initializer|inner|"
     r"^summary_|"
     r"dropout|eps$|^output_|^return_|dtype|chunk|tp$|pretraining_tp|^bos|^eos|^pad|^sep|^decoder_start|"
     r"^is_decoder|is_encoder_decoder|^add_cross_attention|^tie_encoder_decoder|^cross_attention|"
@@ -68,6 +68,7 @@ def flags_of(config) -> dict[str, Any]:
     found = {}
     for name, _ in forward_flags(type(config)):
         value = getattr(config, name, defaults.get(name))
-        if value != defaults.get(name):
+        # a per-layer list (Gemma 3n's activation sparsity) belongs to the real layer count
+        if value != defaults.get(name) and isinstance(value, (bool, int, float)):
             found[name] = value
     return found
