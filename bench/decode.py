@@ -59,6 +59,7 @@ other programs run); read the ratios, and not differences under about 0.1.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -71,7 +72,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from step import _load, _print_table  # bench/step.py: the same variants, loaded the same way
+# bench/step.py (beside this file): the same variants, loaded the same way
+from step import _load, _print_table
 
 from tp.testing.counter import CollectiveCounter, short_name
 from tp.testing.launch import WorkerPool
@@ -202,7 +204,7 @@ def record_collectives() -> dict[str, list]:
     records = {}
     for b in BATCHES:
         prompt = _STATE["prompts"][b]
-        step = logged(lambda: _generate(prompt, 2)) - logged(lambda: _generate(prompt, 1))
+        step = logged(functools.partial(_generate, prompt, 2)) - logged(functools.partial(_generate, prompt, 1))
         records[f"decode_b{b}"] = sorted(step.items())
     records["prefill"] = sorted(logged(_prefill).items())
     return records
@@ -220,13 +222,13 @@ def collective_latency(collectives: list[tuple[str, int, str]]) -> dict:
         numel = nbytes // torch.empty((), dtype=dtype_).element_size()
         if name == "all_reduce":
             buffer = torch.zeros(numel, dtype=dtype_)
-            run = lambda: dist.all_reduce(buffer)  # noqa: E731
+            run = functools.partial(dist.all_reduce, buffer)
         elif name == "all_gather":
             full, part = torch.empty(numel, dtype=dtype_), torch.zeros(numel // world, dtype=dtype_)
-            run = lambda: dist.all_gather_into_tensor(full, part)  # noqa: E731
+            run = functools.partial(dist.all_gather_single, full, part)
         elif name == "reduce_scatter":
             full, part = torch.zeros(numel, dtype=dtype_), torch.empty(numel // world, dtype=dtype_)
-            run = lambda: dist.reduce_scatter_tensor(part, full)  # noqa: E731
+            run = functools.partial(dist.reduce_scatter_single, part, full)
         else:
             raise RuntimeError(f"the limit cannot replay a {name}: add it to collective_latency")
         times = []
@@ -263,15 +265,17 @@ def _kinds(records: list) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=32, help="decode steps timed per generate() (default 32)")
+    parser.add_argument("--tokens", type=int, help="decode steps timed per generate() (default 32)")
     parser.add_argument("--prompt", type=int, default=32, help="prompt length for decoding (default 32)")
-    parser.add_argument("--prefill", type=int, default=512, help="tokens of the prefill forward (default 512)")
+    parser.add_argument("--prefill", type=int, help="tokens of the prefill forward (default 512)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--small", action="store_true", help="--tokens 8 --prefill 128 --rounds 2: a quick run")
+    parser.add_argument("--rounds", type=int, help="timed rounds (default 10)")
+    parser.add_argument("--small", action="store_true", help="a quick run: defaults --tokens 8 --prefill 128 "
+                                                             "--rounds 2 instead")
     args = parser.parse_args()
-    if args.small:
-        args.tokens, args.prefill, args.rounds = 8, 128, 2
+    for name, default, small in (("tokens", 32, 8), ("prefill", 512, 128), ("rounds", 10, 2)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if args.small else default)
     if args.tokens < 1 or args.rounds < 1:
         parser.error("--tokens and --rounds must be at least 1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # inherited by the ranks
@@ -304,16 +308,17 @@ def main() -> None:
 
     reference = rounds["unsharded_1"][0][0]
     _check_tokens(rounds, reference["tokens"])
-    distinct = {b: len({t for row in reference["tokens"][b] for t in row}) for b in BATCHES}
+    variety = ", ".join(f"{len({t for row in reference['tokens'][b] for t in row})} distinct of "
+                        f"{b * (args.tokens + 1)} at batch {b}" for b in BATCHES)
 
     print(f"llama hidden {CONFIG['hidden_size']}, {CONFIG['num_hidden_layers']} layers, "
           f"{CONFIG['num_attention_heads']} heads / {CONFIG['num_key_value_heads']} kv, intermediate "
           f"{CONFIG['intermediate_size']}, vocab {CONFIG['vocab_size']}: {n_params / 1e6:.0f}M parameters, float32; "
           f"greedy generate() with the KV cache, prompt {args.prompt}, {args.tokens} decode steps timed, "
-          f"batch {' and '.join(map(str, BATCHES))} (the unsharded model's new tokens: "
-          f"{', '.join(f'{distinct[b]} distinct of {b * (args.tokens + 1)} at batch {b}' for b in BATCHES)}); prefill 1 x {args.prefill}; median of {args.rounds} rounds "
-          f"after {args.warmup} warm-up; {WORLD} CPU ranks (gloo), 1 thread each; "
-          f"torch {torch.__version__}, transformers {transformers.__version__}\n")
+          f"batch {' and '.join(map(str, BATCHES))} (the unsharded model's new tokens: {variety}); "
+          f"prefill 1 x {args.prefill}; median of {args.rounds} rounds after {args.warmup} warm-up; "
+          f"{WORLD} CPU ranks (gloo), 1 thread each; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}\n")
 
     times = {key: {m: statistics.median(max(r["seconds"][m] for r in ranks) for ranks in rounds[key])
                    for m in MEASURES} for key in pools}
@@ -327,7 +332,8 @@ def main() -> None:
              "tokens", "prefill logits diff")]
     for key, label, shape in [*labels, ("limit", "limit (computed)", "-")]:
         t = times[key]
-        diff = "-" if key == "limit" else f"{(rounds[key][-1][0]['logits'] - reference['logits']).abs().max().item():.1e}"
+        logits = None if key == "limit" else rounds[key][-1][0]["logits"]
+        diff = "-" if logits is None else f"{(logits - reference['logits']).abs().max():.1e}"
         rows.append((label, shape, *(f"{t[m] * 1e3:.1f}" for m in MEASURES),
                      *(f"{t[m] / times['hf_tp'][m]:.2f}" for m in MEASURES),
                      *(f"{t[m] / times['limit'][m]:.2f}" for m in MEASURES),
