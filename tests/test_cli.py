@@ -111,6 +111,18 @@ def test_plan_shows_environment_overrides():
     assert "keep" in line and "environment" in line
 
 
+def test_plan_fix_overrides_keeps_the_whole_unit(cli):
+    code, out, _ = cli("plan", "llama", "--keep", "k_proj")
+    assert code == 1 and "keep the whole unit (self_attn.k_proj, self_attn.o_proj, self_attn.q_proj, self_attn.v_proj) " \
+                         "or none of it (fix_overrides=True (--fix-overrides) keeps the whole unit)" in out
+    code, out, _ = cli("plan", "llama", "--keep", "k_proj", "--fix-overrides")
+    assert code == 0 and "problem:" not in out
+    assert "warning: argument 'k_proj' keeps self_attn.k_proj whole, so its whole unit (self_attn.k_proj, " \
+           "self_attn.o_proj, self_attn.q_proj, self_attn.v_proj) is kept whole in 32 blocks" in out
+    q_proj = next(line for line in out.splitlines() if line.startswith("model.layers.0.self_attn.q_proj "))
+    assert q_proj.split()[2:6] == ["keep", "argument,", "whole", "unit"]
+
+
 def test_tp_1_is_a_no_op_with_no_collectives(cli):
     code, out, _ = cli("plan", "llama", "--tiny", "--tp", "1", "--json")
     data = json.loads(out)

@@ -87,3 +87,67 @@ def test_keeping_a_whole_unit_is_consistent_and_exact(pool2):
     result = tp.verify("llama", tp=2, keep="self_attn.*", pool=pool2)
     assert result.ok, result.table()
     assert result.per_block_forward == 1  # only the MLP's all-reduce is left
+
+
+# ---------------------------------------------------------------------------------------------
+# fix_overrides: an override that keeps part of a column-parallel unit keeps the whole unit
+
+
+def _with_environment(variables: dict, task, *args):
+    """``task(*args)`` on a rank with ``variables`` set in its environment (the pool's processes
+    started before the test could set them)."""
+    import os
+
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        return task(*args)
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def test_fix_overrides_keeps_the_whole_attention_unit_and_is_exact(pool2):
+    from tp.testing.verify import VerifyResult, VerifySpec, verify_rank
+
+    spec = VerifySpec("llama", apply_kwargs={"fix_overrides": True})
+    result = VerifyResult(**pool2.run(_with_environment, {"KEEP_LINEAR_ITEMS": "k_proj"}, verify_rank, spec)[0])
+    assert result.ok, result.table()
+    assert result.logits_max_abs <= 1e-5 and result.worst_grad_rel <= 1e-4
+    unit = "(self_attn.k_proj, self_attn.o_proj, self_attn.q_proj, self_attn.v_proj)"
+    note = next(w for w in result.warnings if "keeps self_attn.k_proj whole" in w)
+    assert note.startswith("environment 'k_proj'") and f"its whole unit {unit} is kept whole in 2 blocks" in note
+    rows = [line.split() for line in result.report.splitlines() if ".self_attn." in line]
+    assert len(rows) == 8 and all(row[2:5] == ["keep", "environment,", "whole"] for row in rows), rows
+    assert f"warning: {note}" in result.report
+    assert result.per_block_forward == 1  # only the MLP's all-reduce is left
+
+
+def test_without_fix_overrides_the_partial_unit_is_refused_naming_the_option(pool2):
+    for name, message in pool2.run(_with_environment, {"KEEP_LINEAR_ITEMS": "k_proj"}, _apply_on_rank, {}):
+        assert name == "PlanError" and "model.layers.0.self_attn.k_proj (keep, from environment 'k_proj')" in message
+        assert "fix_overrides=True (--fix-overrides) keeps the whole unit" in message
+
+
+def test_fix_overrides_fixes_only_the_partial_unit(llama_meta):
+    with pytest.warns(UserWarning, match=r"argument 'up_proj' keeps mlp.up_proj whole, so its whole unit "
+                                         r"\(mlp.down_proj, mlp.gate_proj, mlp.up_proj\) is kept whole"):
+        resolved = tp.resolve(llama_meta, 2, keep="up_proj,o_proj", fix_overrides=True)
+    mlp = {str(resolved.decisions[f"model.layers.1.mlp.{n}"].style) for n in ("gate_proj", "up_proj", "down_proj")}
+    assert mlp == {"keep"}
+    # a kept o_proj is not one linear of a column-parallel group: no obvious fix, still refused
+    assert any(line.startswith("model.layers.0.self_attn.o_proj (keep, from argument 'o_proj') reads sharded")
+               for line in resolved.inconsistencies), resolved.inconsistencies
+
+
+def test_an_override_of_one_later_layer_is_checked(llama_meta):
+    found = tp.resolve(llama_meta, 2, keep="model.layers.1.self_attn.k_proj").inconsistencies
+    assert len(found) == 1 and found[0].startswith("model.layers.1.self_attn.k_proj (keep, from argument"), found
+    with pytest.warns(UserWarning, match="is kept whole in model.layers.1 "):
+        fixed = tp.resolve(llama_meta, 2, keep="model.layers.1.self_attn.k_proj", fix_overrides=True)
+    styles = {p: str(d.style) for p, d in fixed.decisions.items() if ".self_attn." in p}
+    assert styles["model.layers.1.self_attn.q_proj"] == "keep" and styles["model.layers.0.self_attn.q_proj"] == "colwise"
+    assert not fixed.inconsistencies

@@ -72,6 +72,9 @@ def _add_plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="TOML file with allreduce_linear_items / keep_linear_items")
     p.add_argument("--registry", default=None, help="user registry.toml merged over the built-in one")
     p.add_argument("--strict", action="store_true", help="a pattern that matches nothing is an error")
+    p.add_argument("--fix-overrides", action="store_true",
+                   help="where --keep (or KEEP_LINEAR_ITEMS) keeps one linear of a column-parallel group whole, "
+                        "keep its whole unit (e.g. q, k, v and o of the attention) instead of refusing the plan")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="shard the activations between blocks along the sequence")
     p.add_argument("--model", default=None, metavar="PACKAGE.MODULE:FACTORY",
@@ -160,7 +163,7 @@ def _plan(args) -> int:
         model, family = _plan_model(args)
         resolved = resolve(model, args.tp, family=family, allreduce=args.allreduce, keep=args.keep,
                            config=args.config, registry=args.registry, strict=args.strict,
-                           sequence_parallel=args.sequence_parallel)
+                           sequence_parallel=args.sequence_parallel, fix_overrides=args.fix_overrides)
         problems, working = sizes.problems(model, resolved, args.tp)
     if problems:
         problems.append(f"TP sizes that divide every sharded size: {', '.join(map(str, working))}")
@@ -342,7 +345,8 @@ def _verify(args) -> int:
     # warnings are printed once below instead. Read by the ranks' processes when they start.
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     result = verify(args.family, model_factory=factory, tp=args.tp, allreduce=args.allreduce, keep=args.keep, config=args.config,
-                    registry=args.registry, strict=args.strict, sequence_parallel=args.sequence_parallel)
+                    registry=args.registry, strict=args.strict, sequence_parallel=args.sequence_parallel,
+                    fix_overrides=args.fix_overrides)
     if args.json:
         data = {"command": "verify", "result": "PASS" if result.ok else "FAIL", "ok": result.ok,
                 "collectives_ok": result.collectives_ok, **dataclasses.asdict(result)}

@@ -40,6 +40,9 @@ class PlanOptions(TypedDict, total=False):
     sequence_parallel: shard the activations between blocks along the sequence (Megatron's
         sequence parallelism): norms run on sequence shards, each block gathers its input once
         and reduce-scatters its output.
+    fix_overrides: where an override keeps one linear of a column-parallel group whole
+        (``keep="k_proj"``), keep its whole unit (q, k, v and o of that attention) instead of
+        refusing the plan; the plan's warnings say what was kept.
     """
 
     family: str | None
@@ -50,6 +53,7 @@ class PlanOptions(TypedDict, total=False):
     strict: bool
     loss_parallel: bool
     sequence_parallel: bool
+    fix_overrides: bool
 
 
 def resolve(model: nn.Module, tp: int, **options: Unpack[PlanOptions]) -> ResolvedPlan:
@@ -65,9 +69,11 @@ def resolve(model: nn.Module, tp: int, **options: Unpack[PlanOptions]) -> Resolv
 
 def resolve_units(model: nn.Module, *, family: str | None = None, allreduce=None, keep=None, config=None,
                   registry=None, strict: bool = False, loss_parallel: bool = False, sequence_parallel: bool = False,
-                  inference: Inference | None = None, units: set[str] | None = None) -> ResolvedPlan:
+                  fix_overrides: bool = False, inference: Inference | None = None, units: set[str] | None = None,
+                  whole_units: dict[str, Decision] | None = None) -> ResolvedPlan:
     """``resolve``, where an inferred plan may reuse an earlier trace (``inference``) and keep only
-    the unit keys ``units`` (the trial tries units one by one)."""
+    the unit keys ``units`` (the trial tries units one by one); ``whole_units`` are the decisions
+    ``fix_overrides`` adds over the overrides."""
     reg = load_registry(registry)
     if family is None:
         family = reg.family_of(model)
@@ -87,6 +93,7 @@ def resolve_units(model: nn.Module, *, family: str | None = None, allreduce=None
             warnings.warn(problems[-1], stacklevel=3)
     overrides = overrides_.collect(allreduce, keep, config)
     apply_overrides(model, decisions, overrides, strict, problems)
+    decisions.update(whole_units or {})
     modules = dict(model.named_modules())
     for path, decision in decisions.items():
         decision.style.check_module(path, modules[path])
@@ -102,8 +109,21 @@ def resolve_units(model: nn.Module, *, family: str | None = None, allreduce=None
         resolved.divide = list(reg.inherited(family, "divide"))
         if resolved.local_counts and heads is None:
             raise PlanError(f"family {family!r} sets local_heads, but the model's config names no heads")
-    if units is None:  # a plan tried unit by unit was checked whole first
-        resolved.inconsistencies = _inconsistencies(model, resolved, {o.source for o in overrides})
+    # a plan tried unit by unit was checked whole first, but its units need the same fixes
+    if units is None or (fix_overrides and whole_units is None):
+        found = _inconsistencies(model, resolved, {o.source for o in overrides})
+        fixed, notes = consistency.fixes(found)
+        if fix_overrides and fixed and whole_units is None:  # resolved again, for the block inputs
+            again = resolve_units(model, family=family, allreduce=allreduce, keep=keep, config=config,
+                                  registry=registry, strict=strict, loss_parallel=loss_parallel,
+                                  sequence_parallel=sequence_parallel, fix_overrides=True, inference=inference,
+                                  units=units, whole_units=fixed)
+            for note in notes if units is None else ():  # a unit's trial would say it again
+                warnings.warn(note, stacklevel=3)
+            again.warnings += notes
+            return again
+        if units is None:
+            resolved.inconsistencies = consistency.messages(found)
     if loss_parallel:
         _with_loss_parallel(resolved)
     if sequence_parallel:
@@ -111,7 +131,7 @@ def resolve_units(model: nn.Module, *, family: str | None = None, allreduce=None
     return resolved
 
 
-def _inconsistencies(model: nn.Module, resolved: ResolvedPlan, overrides: set[str]) -> list[str]:
+def _inconsistencies(model: nn.Module, resolved: ResolvedPlan, overrides: set[str]) -> list[consistency.Problem]:
     """Where the plan's styles do not fit together (tp/checks/consistency.py); ``tp.apply`` refuses
     such a plan, ``tp plan`` shows it."""
     try:
