@@ -50,7 +50,8 @@ Columns: ``procs x threads``; the three times above; ``/ hf TP``: each time over
 TP's; ``/ limit``: each time over the limit's; ``tokens``: ``same`` when every round's generated
 tokens, at batch 1 and 8, equal those of the unsharded model on 1 thread (the script stops with an
 error naming the variant, batch, row and position when they do not); ``prefill logits diff``: max
-abs difference of the prefill's last-position logits from the unsharded model's (rank 0).
+abs difference of the prefill's last-position logits from the unsharded model's (rank 0, last
+round; the script stops with an error above 1e-4).
 
 On a shared 2-core machine the absolute times drift by 10-20% from minute to minute (and more when
 other programs run); read the ratios, and not differences under about 0.1.
@@ -85,6 +86,7 @@ CONFIG = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
 SEED = 0
 BATCHES = (1, 8)
 REPLAYS = 20  # timed repetitions of each collective per round
+LOGITS_TOLERANCE = 1e-4  # prefill logits, max abs difference from the unsharded model's (float32)
 
 VARIANTS = [  # key, label, processes, threads per process
     ("unsharded_1", "unsharded, 1 thread", 1, 1),
@@ -263,6 +265,15 @@ def _kinds(records: list) -> str:
     return ", ".join(f"{name} {n}" for name, n in sorted(counts.items())) or "none"
 
 
+def _check_prefill(rounds: dict, reference: torch.Tensor) -> None:
+    """Stop when a variant's last prefill logits differ from the unsharded model's by more than the tolerance."""
+    for key, label, *_ in VARIANTS:
+        diff = (rounds[key][-1][0]["logits"] - reference).abs().max().item()
+        if diff > LOGITS_TOLERANCE:
+            sys.exit(f"error: {label}'s prefill logits differ from the unsharded model's by {diff:.1e} "
+                     f"(tolerance {LOGITS_TOLERANCE:.0e})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, help="decode steps timed per generate() (default 32)")
@@ -308,6 +319,7 @@ def main() -> None:
 
     reference = rounds["unsharded_1"][0][0]
     _check_tokens(rounds, reference["tokens"])
+    _check_prefill(rounds, reference["logits"])
     variety = ", ".join(f"{len({t for row in reference['tokens'][b] for t in row})} distinct of "
                         f"{b * (args.tokens + 1)} at batch {b}" for b in BATCHES)
 
