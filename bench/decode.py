@@ -99,11 +99,17 @@ TP_VARIANTS = ("tp_apply", "tp_from_pretrained", "hf_tp")
 MEASURES = [f"decode_b{b}" for b in BATCHES] + ["prefill"]
 
 
-class CollectiveLog(CollectiveCounter):
-    """CollectiveCounter that also lists every collective as (short name, bytes of its buffer, dtype).
+# c10d's tensor forms of the collectives, under the names the replay knows them by
+_SAME_AS = {"_allgather_base_": "all_gather", "_reduce_scatter_base_": "reduce_scatter"}
 
-    The buffer is the largest tensor the collective gets or returns: the tensor of an all-reduce,
-    the gathered output of an all-gather, the input of a reduce-scatter."""
+
+class CollectiveLog(CollectiveCounter):
+    """CollectiveCounter that also lists every collective as (name, bytes of its buffer, dtype).
+
+    The buffer is the whole tensor the collective works on: the tensor of an all-reduce, the
+    gathered output of an all-gather, the input of a reduce-scatter. It is the largest of the
+    collective's arguments and its result, an argument that is a list of tensors counting as their
+    sum (c10d's ``allgather_`` takes a list of outputs)."""
 
     def __init__(self):
         super().__init__()
@@ -118,10 +124,11 @@ class CollectiveLog(CollectiveCounter):
         if out is not NotImplemented and packet in self._collectives:
             from torch.utils._pytree import tree_leaves
 
-            largest = max((t for t in tree_leaves((args, out)) if isinstance(t, torch.Tensor)),
-                          key=lambda t: t.numel() * t.element_size())
-            self.log.append((short_name(packet), largest.numel() * largest.element_size(),
-                             str(largest.dtype).removeprefix("torch.")))
+            parts = [[t for t in tree_leaves(part) if isinstance(t, torch.Tensor)] for part in (*args, out)]
+            buffer = max((p for p in parts if p), key=lambda p: sum(t.numel() * t.element_size() for t in p))
+            name = short_name(packet)
+            self.log.append((_SAME_AS.get(name, name), sum(t.numel() * t.element_size() for t in buffer),
+                             str(buffer[0].dtype).removeprefix("torch.")))
         return out
 
 
