@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import PlanError
 from ..patterns import matches
 from ..plan.structure import find_blocks
 from ..sharding.heads import Heads, heads_of
@@ -44,7 +45,9 @@ class Inference:
 
 
 def twin_of(model: nn.Module) -> tuple[nn.Module, str] | None:
-    """A model to trace: ``model`` itself if small and real, else a tiny one of its type."""
+    """A model to trace: ``model`` itself if small and real, else a tiny one of its class with the
+    flags of its config (and without the parts its config switches off). None when the model has
+    no transformers config; PlanError when no tiny model of its class builds."""
     params = list(model.parameters())
     small = sum(p.numel() for p in params) <= TWIN_MAX_PARAMS
     if small and params and all(p.device.type != "meta" for p in params):
@@ -53,16 +56,26 @@ def twin_of(model: nn.Module) -> tuple[nn.Module, str] | None:
     if config is None or not getattr(config, "model_type", None):
         return None
     from .flags import flags_of
-    from .tiny import build, tiny_config
+    from .tiny import build, causal_lm_type, switched_off, tiny_config
 
-    flags = flags_of(config)
-    try:
-        twin = build(tiny_config(config.model_type, **flags), device="cpu")
-    except Exception:  # a flag the tiny sizes cannot take: the twin without it still checks the rest
-        flags = {}
-        twin = build(tiny_config(config.model_type), device="cpu")
-    shown = f" with {', '.join(f'{k}={v}' for k, v in flags.items())}" if flags else ""
-    return twin, f"a tiny {type(twin).__name__}{shown}"
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    flags, off = flags_of(config), switched_off(text)
+    failures = []
+    for settings in ({**off, **flags}, off, {}):  # a flag the tiny sizes cannot take: the twin without it
+        try:
+            tiny = tiny_config(causal_lm_type(config.model_type), **settings)
+            # the model's own class with a config of its own class (Emu3's causal LM takes the text
+            # config of its composite), else what the Auto class builds from the tiny config
+            own = tiny if type(tiny) is type(config) else tiny.get_text_config(decoder=True)
+            twin = build(own, model_class=type(model)) if type(own) is type(config) and \
+                hasattr(type(model), "_from_config") else build(tiny)
+        except Exception as e:
+            failures.append(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}")
+        else:
+            shown = ", ".join(f"{k}={v}" for k, v in settings.items() if k in flags)
+            return twin, f"a tiny {type(twin).__name__}{f' with {shown}' if shown else ''}"
+    raise PlanError(f"{type(model).__name__}: no tiny model of its type builds to trace or try its plan on "
+                    f"({failures[-1]}); check it with tp.verify(model_factory=...) on a small model")
 
 
 def _trace_input(model: nn.Module):
@@ -131,7 +144,26 @@ def infer(model: nn.Module, blocks: list[str], keep_patterns: list[str]) -> Infe
                 kept[f"{name}: {unit.row}"] = inferred
             else:
                 units[signature].append(inferred)
+    seen = {block_signature(twin.get_submodule(b)) for b in twin_blocks}
+    unseen = {}  # a block structure the twin has not, or whose forward the trace did not run
+    for path in blocks:
+        unseen.setdefault(block_signature(model.get_submodule(path)), path)
+    for signature, path in unseen.items():
+        if signature not in units:
+            kept[f"{type(model.get_submodule(path)).__name__}: {path}"] = _unseen(signature, seen, traced)
     return Inference(units, kept, traced, twin, *_ends(twin))
+
+
+def _unseen(signature: tuple, seen: set[tuple], traced: str) -> str:
+    """Why a block structure has no units: the trace did not run it, or the twin has no such block."""
+    if signature in seen:
+        return f"the trace of {traced} with token ids does not run this block"
+    nearest = set(min(seen, key=lambda other: len(set(other) ^ set(signature)), default=()))
+    here = [f"{path or 'the block'} {kind}" for path, kind in signature if (path, kind) not in nearest][:2]
+    there = [f"{path or 'the block'} {kind}" for path, kind in nearest - set(signature)][:2]
+    return (f"{traced} has no block of this structure (its config builds parts a tiny config does not, or the "
+            f"model changes its modules in its forward): here {', '.join(here) or 'nothing more'}; in the twin "
+            f"{', '.join(sorted(there)) or 'nothing more'}")
 
 
 def _plain(module: nn.Module | None, kind: type) -> bool:

@@ -182,6 +182,9 @@ EXTRA: dict[str, dict[str, Any]] = {
                  "lsh_attn_chunk_length": 4},
     "gemma3n": _GEMMA3N,
     "gemma3n_text": _GEMMA3N,
+    # A draft model whose every layer reuses the target model's kv cache (num_kv_shared_layers is
+    # its layer count): 2 layers, both shared, one of each attention type.
+    "gemma4_unified_assistant": {"num_hidden_layers": 2, "layer_types": [_SLIDING, _FULL], "num_kv_shared_layers": 2},
 }
 
 # Types whose tiny causal LM does not build, or does not run forward + backward on CPU, and why.
@@ -223,6 +226,31 @@ def tiny_config(model_type: str, **overrides):
     if count > MAX_PARAMS:
         raise ValueError(f"the tiny {model_type} still has {count:,} parameters (> {MAX_PARAMS:,})")
     return config
+
+
+def causal_lm_type(model_type: str) -> str:
+    """The causal-LM type whose tiny config builds a model of ``model_type``: itself, or for a text
+    config no Auto class builds alone (Emu3's ``emu3_text_model``), the type whose text config it is."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return model_type
+    for candidate in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        if model_type.startswith(candidate) and _text_config_key(_default_config(candidate)) \
+                and _default(candidate, text=True).model_type == model_type:
+            return candidate
+    return model_type
+
+
+def switched_off(config) -> dict[str, Any]:
+    """The sizes ``config`` (a real model's, or its text config) sets to 0 where a tiny config sets
+    them: a part the model does not have (GraniteMoeShared's shared MLP at
+    ``shared_intermediate_size=0``, a dense variant's ``num_experts=0``), which a tiny model of the
+    same type must not have either."""
+    known = _known_values(config)
+    tables = {**BASE_SIZES, **ALIAS_SIZES, **MOE_SIZES, **MIXER_SIZES, **LOW_RANK_SIZES, **MLA_SIZES}
+    return {_real_key(config, key): 0 for key, tiny in tables.items()
+            if known.get(key) == 0 and tiny != 0 and not key.endswith("token_id")}
 
 
 def parameter_count(config) -> int:
@@ -542,10 +570,13 @@ def auto_class(config, encoder_decoder: bool | None = None):
 
 
 def build(config, *, device: str | torch.device = "cpu", seed: int = 0,
-          encoder_decoder: bool | None = None) -> nn.Module:
+          encoder_decoder: bool | None = None, model_class: type | None = None) -> nn.Module:
     """A randomly initialised float32 model (``auto_class``: a causal LM, or an encoder-decoder
-    one); on the meta device no memory is used."""
+    one; or ``model_class``, a transformers model class); on the meta device no memory is used."""
     torch.manual_seed(seed)
     with torch.device(device):
-        model = auto_class(config, encoder_decoder).from_config(config, dtype=torch.float32)
+        if model_class is not None:
+            model = model_class._from_config(config, dtype=torch.float32)
+        else:
+            model = auto_class(config, encoder_decoder).from_config(config, dtype=torch.float32)
     return model.eval()
