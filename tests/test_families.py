@@ -21,14 +21,15 @@ import tp.testing.models
 # decoder layer, in test_encoder_decoder.py).
 FAMILIES = sorted(name for name, f in tp.load_registry().families.items() if f.model_types)
 
-# Yuan's localized filtering runs replicated inside attention; DTensor sums the partial gradient
-# at its output once more in the backward (registry.toml, family yuan). Mixtral's packed experts
+# Yuan's localized filtering sums its output's partial gradient once more in the backward, and
+# with its convolutions sharded (family yuan, not yuan_replicate) all-reduces conv2's output in the
+# forward (registry.toml). Mixtral's packed experts
 # sum the routing weights' gradient for the router (tp/styles/experts.py). Jamba's Mamba layers sum the
 # gradients of the norms on dt, B and C (3) and its MoE layers the routing weights'.
-EXTRA_BACKWARD = {"yuan": 1, "mixtral": 1, "jamba": 3, "bamba": 3, "zamba2": 5}
+EXTRA_BACKWARD = {"yuan": 1, "yuan_replicate": 1, "mixtral": 1, "jamba": 3, "bamba": 3, "zamba2": 5}
 # Bamba's and Zamba2's Mamba-2 mixers have one group: the gated norm gathers its input and gate
 # (tp/mamba2.py), and the backward sums the replicated B/C rows' and the norm's gradients.
-EXTRA_FORWARD = {"bamba": 1, "zamba2": 1}
+EXTRA_FORWARD = {"bamba": 1, "zamba2": 1, "yuan": 1}
 
 
 def _check(result, family=None):

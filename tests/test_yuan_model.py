@@ -18,6 +18,9 @@ from tp.models.yuan import (
     YuanConfig,
     YuanForCausalLM,
     YuanMLP,
+    document_mask,
+    eod_counts,
+    eod_reset_position_ids,
 )
 
 E, H, D, I, V, L = 32, 4, 8, 48, 64, 2  # hidden, heads, head_dim, intermediate, vocab, layers
@@ -235,6 +238,146 @@ def test_untied_embeddings():
     assert model.lm_head.weight is not model.model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_tying_follows_the_config_through_save_and_load(tmp_path, tied):
+    model = tiny_model(tie_word_embeddings=tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    if not tied:
+        with torch.no_grad():
+            model.lm_head.weight.add_(1.0)  # untied: lm_head has values of its own
+    model.save_pretrained(tmp_path)
+    loaded = YuanForCausalLM.from_pretrained(tmp_path)
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight, atol=0, rtol=0)
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight, atol=0, rtol=0)
+
+
+def test_padding_row_starts_at_zero_and_gets_no_gradient():
+    """As published: nn.Embedding(vocab, hidden, padding_idx=pad_token_id)."""
+    torch.manual_seed(0)
+    model = YuanForCausalLM(tiny_config(pad_token_id=3, tie_word_embeddings=False))
+    embedding = model.model.embed_tokens
+    assert embedding.padding_idx == 3
+    assert torch.count_nonzero(embedding.weight[3]) == 0 and torch.count_nonzero(embedding.weight[4]) > 0
+    ids = torch.tensor([[5, 3, 3, 7, 9], [3, 8, 3, 6, 5]])
+    model(ids).logits.square().sum().backward()
+    grad = embedding.weight.grad
+    assert torch.count_nonzero(grad[3]) == 0
+    assert all(torch.count_nonzero(grad[i]) > 0 for i in (5, 6, 7, 8, 9))
+
+
+# End-of-document resets. The published _prepare_decoder_attention_mask_training, for each EOD
+# token at index i, stops the queries after i from seeing keys 0 .. i; with reset_position_ids
+# it also restarts the positions after each EOD at 0. Expected values written out by hand.
+EOD = 2
+
+
+def test_document_mask_by_hand():
+    ids = torch.tensor([[5, EOD, 6, 7, EOD, 8],    # documents [5, EOD] [6, 7, EOD] [8]
+                        [5, 6, 7, 8, 9, 4],        # no EOD: plain causal
+                        [EOD, EOD, 6, 7, 8, EOD]])  # an EOD alone is a document of its own
+    blocks = [
+        [[1, 0, 0, 0, 0, 0],
+         [1, 1, 0, 0, 0, 0],
+         [0, 0, 1, 0, 0, 0],
+         [0, 0, 1, 1, 0, 0],
+         [0, 0, 1, 1, 1, 0],
+         [0, 0, 0, 0, 0, 1]],
+        [[1, 0, 0, 0, 0, 0],
+         [1, 1, 0, 0, 0, 0],
+         [1, 1, 1, 0, 0, 0],
+         [1, 1, 1, 1, 0, 0],
+         [1, 1, 1, 1, 1, 0],
+         [1, 1, 1, 1, 1, 1]],
+        [[1, 0, 0, 0, 0, 0],
+         [0, 1, 0, 0, 0, 0],
+         [0, 0, 1, 0, 0, 0],
+         [0, 0, 1, 1, 0, 0],
+         [0, 0, 1, 1, 1, 0],
+         [0, 0, 1, 1, 1, 1]],
+    ]
+    causal = torch.ones(6, 6).tril().bool()
+    got = document_mask(eod_counts(ids, EOD), 6) & causal
+    assert got.shape == (3, 1, 6, 6)
+    assert torch.equal(got[:, 0], torch.tensor(blocks, dtype=torch.bool))
+    # The last two queries of the same ids, as a decoding step with four tokens cached sees them.
+    assert torch.equal(document_mask(eod_counts(ids, EOD), 2)[:, 0] & causal[4:], got[:, 0, 4:])
+
+
+def test_eod_reset_position_ids_by_hand():
+    ids = torch.tensor([[5, EOD, 6, 7, EOD, 8], [5, 6, 7, 8, 9, 4], [EOD, EOD, 6, 7, 8, EOD]])
+    assert eod_reset_position_ids(ids, EOD).tolist() == [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 2, 3]]
+
+
+def _doc_influence(model, ids, changed_at):
+    """Max change of each position's logits when the token at ``changed_at`` changes."""
+    other = ids.clone()
+    other[:, changed_at] = 9 if int(ids[0, changed_at]) != 9 else 10
+    with torch.no_grad():
+        return (model(other).logits - model(ids).logits).abs().amax(dim=(0, 2))
+
+
+@pytest.mark.parametrize("training, reset_positions, blocked", [
+    (False, True, True),    # eval: the reset needs reset_position_ids, as published
+    (False, False, False),
+    (True, False, True),    # training: reset_attention_mask alone
+])
+def test_attention_does_not_cross_an_end_of_document(training, reset_positions, blocked):
+    """One layer: a document's logits read earlier documents only through the LF filter's two
+    tokens before it, so a token 3 before the EOD reaches the next document only through
+    attention."""
+    model = tiny_model(num_hidden_layers=1, eod_token=EOD, reset_attention_mask=True,
+                       reset_position_ids=reset_positions).train(training)
+    ids = torch.tensor([[5, 6, 7, 8, 11, EOD, 12, 13, 14, 15]])
+    influence = _doc_influence(model, ids, changed_at=2)
+    assert (influence[:2] == 0).all() and (influence[2:6] > 1e-4).all()  # causal within its document
+    if blocked:
+        assert (influence[6:] == 0).all(), influence
+    else:
+        assert (influence[6:] > 1e-4).all(), influence
+    # The published forward computes reset positions but passes on 0 .. S - 1. RoPE is relative,
+    # so positions restarted per document change nothing while attention stays in its document.
+    with torch.no_grad():
+        default = model(ids).logits
+        torch.testing.assert_close(model(ids, position_ids=torch.arange(10)[None]).logits, default)
+        reset = model(ids, position_ids=eod_reset_position_ids(ids, EOD)).logits
+    torch.testing.assert_close(reset[:, :6], default[:, :6])
+    if blocked:
+        torch.testing.assert_close(reset, default)
+    else:
+        assert (reset[:, 6:] - default[:, 6:]).abs().max() > 1e-4
+
+
+def test_config_fields_from_the_published_config_json():
+    config = tiny_config()
+    assert config.eod_token == config.eos_token_id  # default
+    assert (config.reset_attention_mask, config.reset_position_ids, config.use_loss_mask) == (False, False, False)
+    config = YuanConfig.from_dict({**TINY, "eod_token": 7, "sep_token": 8, "reset_attention_mask": True,
+                                   "reset_position_ids": True, "causal_mask": True})
+    assert (config.eod_token, config.sep_token, config.reset_attention_mask) == (7, 8, True)
+    with pytest.raises(NotImplementedError, match="use_loss_mask"):
+        YuanForCausalLM(tiny_config(use_loss_mask=True))
+    with pytest.raises(NotImplementedError, match="lf_conv2d_num_pad"):
+        YuanForCausalLM(tiny_config(lf_conv2d_num_pad=0))
+
+
+def test_grouped_lf_equals_the_closed_form_with_block_diagonal_weights():
+    """lf_conv2d_group = 2: each group's outputs read only its own inputs."""
+    lf = randomize(LocalizedFiltering(E, groups=2)).double()
+    assert lf.conv1.weight.shape == (E // 2, E // 2, 2, 1) and lf.conv2.weight.shape == (E, E // 4, 2, 1)
+    dense = randomize(LocalizedFiltering(E)).double()
+    with torch.no_grad():
+        for conv, grouped in ((dense.conv1, lf.conv1), (dense.conv2, lf.conv2)):
+            conv.weight.zero_()
+            out, inp = grouped.weight.shape[0] // 2, grouped.weight.shape[1]
+            for g in range(2):
+                conv.weight[g * out:(g + 1) * out, g * inp:(g + 1) * inp] = grouped.weight[g * out:(g + 1) * out]
+            conv.bias.copy_(grouped.bias)
+        dense.output_layernorm.weight.copy_(lf.output_layernorm.weight)
+    x = torch.randn(2, 6, E, dtype=torch.float64)
+    torch.testing.assert_close(lf(x), reference_lf(dense, x), atol=1e-12, rtol=1e-12)
+
+
 def test_save_and_load_roundtrip(tmp_path):
     model = tiny_model()
     ids = torch.randint(0, V, (2, 7))
@@ -268,9 +411,13 @@ def test_checkpoint_with_stored_inv_freq_loads(tmp_path):
 
 
 @pytest.mark.parametrize("prompt", [1, 2, 3, 5])
-def test_cached_decoding_equals_the_full_forward(prompt):
-    model = tiny_model()
-    ids = torch.randint(0, V, (2, 8))
+@pytest.mark.parametrize("eod_reset", [False, True])
+def test_cached_decoding_equals_the_full_forward(prompt, eod_reset):
+    """On CPU; with EOD resets, end-of-document tokens in the prompt, the single steps and the chunk."""
+    model = tiny_model(eod_token=EOD, reset_attention_mask=eod_reset, reset_position_ids=eod_reset)
+    ids = torch.randint(3, V, (2, 8), generator=torch.Generator().manual_seed(0))
+    ids[0, [0, 3, 6]] = EOD
+    ids[1, [2, 5]] = EOD
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         out = model(ids[:, :prompt], use_cache=True)

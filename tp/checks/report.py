@@ -90,6 +90,12 @@ def _shapes(module: nn.Module, decision: Decision | None, tp: int, by_layout: di
     return "; ".join(parts)
 
 
+def _ancestors(path: str) -> list[str]:
+    """The paths of the modules enclosing ``path``, nearest first (the root, "", included)."""
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, -1, -1)]
+
+
 def expected_collectives(model: nn.Module, plan: ResolvedPlan, tp: int) -> Collectives:
     """The sum of each module's collectives as its style declares them (``Style.collectives``).
 
@@ -109,8 +115,11 @@ def expected_collectives(model: nn.Module, plan: ResolvedPlan, tp: int) -> Colle
         costs = []
         for path in paths:
             spec = decisions[path].style
+            # A shared block input inside another one (Yuan's lf_gate in its attention) reads the
+            # outer one's replicated DTensor, as a column-parallel linear reads its parent's.
+            readers = _ancestors(path) if spec.style.shares_input else [path.rpartition(".")[0]]
             site = spec.site(model.get_submodule(path), heads=decisions[path].heads, tp=tp, sequence_parallel=sp,
-                             plain_input=path.rpartition(".")[0] not in shared)
+                             plain_input=not shared.intersection(readers))
             costs.append(spec.style.collectives(site))
         return sum(c[0] for c in costs), sum(c[1] for c in costs)
 

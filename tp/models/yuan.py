@@ -28,16 +28,28 @@ The quirks that set Yuan apart from LLaMA:
 
 Written for tensor parallelism: attention derives its number of heads from the tensors it is
 given (``view(B, S, -1, 2 * head_dim)``), so a rank whose q/k/v/o projections hold H/T heads
-runs the same code. The LF filter always works on the full hidden size.
+runs the same code. The LF filter reads and returns the full hidden size (tp may shard its
+convolutions' channels inside it).
+
+As in the published model:
+
+* **End-of-document resets.** In training mode, or when ``config.reset_position_ids`` is set,
+  and with ``config.reset_attention_mask``, a token does not attend across an end-of-document
+  token (``config.eod_token``): each document is its own causal block (``document_mask``).
+  The published forward computes EOD-reset position ids too, but discards them and uses
+  ``0 .. S - 1``; so does this one (``eod_reset_position_ids`` gives them to callers that
+  want to pass them as ``position_ids``). The LF filter runs across document boundaries.
+* The embedding's ``padding_idx`` is ``config.pad_token_id``: that row starts at zero and
+  gets no gradient.
+* ``lm_head`` is tied to the embedding exactly when ``config.tie_word_embeddings``.
 
 Not implemented: the ``use_shareqk=True`` alternative (raises), flash attention (the eager
-math is used for every config), and the EOD-reset block-causal training mask
-(``reset_attention_mask``/``reset_position_ids``): attention is plainly causal. Config fields
-that only those features read are kept on the config for ``config.json`` compatibility and
-ignored. Incremental decoding works through ``past_key_values``: one ``(key, value,
-lf_memory)`` tuple per layer (see ``YuanModel.forward``), not a transformers ``Cache``;
-``generate()`` uses it. With left padding, the LF filter of the first real tokens sees the
-padding's embeddings, as in the published model.
+math is used for every config), the loss mask of ``use_loss_mask`` and the convolution
+padding of ``lf_conv2d_num_pad`` other than 1 (both raise). Incremental decoding works
+through ``past_key_values``: one ``(key, value, lf_memory, eod_counts)`` tuple per layer
+(see ``YuanModel.forward``), not a transformers ``Cache``; ``generate()`` uses it, on any
+device. With left padding, the LF filter of the first real tokens sees the padding's
+embeddings, as in the published model.
 """
 
 from __future__ import annotations
@@ -66,12 +78,24 @@ LF_CONTEXT = 2
 class YuanConfig(PretrainedConfig):
     """Configuration of a Yuan 2.0 model; the defaults describe Yuan2-2B.
 
-    Field names and defaults follow the published ``configuration_yuan.py``.
-    ``max_position_embeddings`` (read by the modeling code, sent by the checkpoints'
-    ``config.json``) defaults to 8192, the 2B training length. Other keys that checkpoints
-    carry (``causal_mask``, ``use_flash_attention``, ``eod_token``, ``sep_token``,
-    ``reset_attention_mask``, ``reset_position_ids``, ``use_loss_mask``) are stored as plain
-    attributes and ignored by this implementation.
+    Field names and defaults follow the published ``configuration_yuan.py``. The fields the
+    published modeling code reads from the checkpoints' ``config.json`` have defaults here:
+    ``max_position_embeddings`` 8192 (the 2B training length), ``eod_token`` (the
+    end-of-document id; default: ``eos_token_id``), ``sep_token`` 77187 (read only by the
+    loss mask), ``reset_attention_mask`` and ``reset_position_ids`` False (see
+    ``document_mask``), ``use_loss_mask`` False (True is refused), ``lf_conv2d_group`` 1
+    (the LF convolutions' groups, a Megatron option that later Yuan variants store) and
+    ``lf_conv2d_num_pad`` 1 (only 1 is implemented). Other keys (``causal_mask``,
+    ``use_flash_attention``) are kept as plain attributes and ignored.
+
+    Example::
+        >>> config = YuanConfig(hidden_size=64, num_attention_heads=8, intermediate_size=128,
+        ...                     num_hidden_layers=2, vocab_size=256, pad_token_id=0, bos_token_id=1,
+        ...                     eos_token_id=2, reset_attention_mask=True, reset_position_ids=True)
+        >>> config.eod_token  # the eos id unless given
+        2
+        >>> YuanForCausalLM(config)(torch.tensor([[5, 6, 2, 7, 8]])).logits.shape
+        torch.Size([1, 5, 256])
     """
 
     model_type = "yuan"
@@ -95,6 +119,13 @@ class YuanConfig(PretrainedConfig):
         eos_token_id: int | None = 77185,
         tie_word_embeddings: bool = True,
         use_shareqk: bool = False,
+        eod_token: int | None = None,
+        sep_token: int | None = 77187,
+        reset_attention_mask: bool = False,
+        reset_position_ids: bool = False,
+        use_loss_mask: bool = False,
+        lf_conv2d_group: int = 1,
+        lf_conv2d_num_pad: int = 1,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -111,6 +142,13 @@ class YuanConfig(PretrainedConfig):
         # generation parameter.
         self.use_cache = use_cache
         self.use_shareqk = use_shareqk
+        self.eod_token = eos_token_id if eod_token is None else eod_token
+        self.sep_token = sep_token
+        self.reset_attention_mask = reset_attention_mask
+        self.reset_position_ids = reset_position_ids
+        self.use_loss_mask = use_loss_mask
+        self.lf_conv2d_group = lf_conv2d_group
+        self.lf_conv2d_num_pad = lf_conv2d_num_pad
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -170,6 +208,41 @@ def causal_key_mask(seq_len: int, past_len: int, device=None) -> torch.Tensor:
     return (torch.arange(past_len + seq_len, device=device)[None, :] <= query_pos)[None, None]
 
 
+def eod_counts(input_ids: torch.Tensor, eod_token: int) -> torch.Tensor:
+    """[B, S]: how many end-of-document tokens there are up to and including each position."""
+    return (input_ids == eod_token).long().cumsum(-1)
+
+
+def document_mask(counts: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Boolean [B, 1, S, T]: the last S of T tokens may see the earlier tokens of their own document.
+
+    ``counts`` [B, T] are ``eod_counts`` over every token (cached and new). A token's document
+    is the number of end-of-document tokens strictly before it, so an EOD token closes its own
+    document: the published mask blocks, for each EOD at i, queries after i from keys 0 .. i.
+    Combine it with the causal mask.
+    """
+    documents = F.pad(counts, (1, 0))[:, :-1]
+    return (documents[:, -seq_len:, None] == documents[:, None, :])[:, None]
+
+
+def eod_reset_position_ids(input_ids: torch.Tensor, eod_token: int) -> torch.Tensor:
+    """[B, S]: positions counted from the start of each token's document (0 after each EOD).
+
+    What the published ``_prepare_decoder_attention_mask_training`` computes with
+    ``reset_position_ids``; its forward (and ``YuanModel.forward``) does not apply them, so
+    pass them as ``position_ids`` to train as Megatron's data loader does.
+
+    Example::
+        >>> eod_reset_position_ids(torch.tensor([[5, 2, 6, 7, 2, 8]]), eod_token=2)
+        tensor([[0, 1, 0, 1, 2, 0]])
+    """
+    steps = torch.arange(input_ids.shape[-1], device=input_ids.device).expand_as(input_ids)
+    # A document starts right after each EOD; each token's start is the latest one before it.
+    starts_after = torch.where(input_ids == eod_token, steps + 1, 0)
+    starts = F.pad(starts_after, (1, 0))[..., :-1].cummax(-1).values
+    return steps - starts
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
@@ -189,18 +262,27 @@ class LocalizedFiltering(nn.Module):
         out[t] = output_layernorm(y2[t] + x[t])
     The convolutions are ``nn.Conv2d`` over [B, E, S, 1] (channels = hidden, height =
     sequence) to keep the checkpoints' weight shapes [E/2, E, 2, 1] and [E, E/2, 2, 1]:
-    padding one row on each side and keeping the first S outputs makes them causal.
+    padding one row on each side and keeping the first S outputs makes them causal. With
+    ``groups`` (Megatron's ``lf_conv2d_group``) G > 1 both are grouped convolutions: W1 and W2
+    are block-diagonal over G groups of channels.
+
+    Example::
+        >>> LocalizedFiltering(64)(torch.randn(2, 5, 64)).shape
+        torch.Size([2, 5, 64])
     """
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, hidden_size: int, groups: int = 1, num_pad: int = 1):
         super().__init__()
-        if hidden_size % 2:
-            raise ValueError(f"LocalizedFiltering needs an even hidden size, got {hidden_size}")
+        if hidden_size % (2 * groups):
+            raise ValueError(f"LocalizedFiltering needs a hidden size divisible by 2 x {groups} groups, "
+                             f"got {hidden_size}")
+        if num_pad != 1:
+            raise NotImplementedError(f"LocalizedFiltering: lf_conv2d_num_pad={num_pad}; only 1 is implemented")
         self.embed_dim = hidden_size
-        self.lf_conv2d_group = 1
-        self.lf_conv2d_num_pad = 1
-        self.conv1 = nn.Conv2d(hidden_size, hidden_size // 2, (2, 1), stride=(1, 1), padding=(1, 0), groups=1)
-        self.conv2 = nn.Conv2d(hidden_size // 2, hidden_size, (2, 1), stride=(1, 1), padding=(1, 0), groups=1)
+        self.lf_conv2d_group = groups
+        self.lf_conv2d_num_pad = num_pad
+        self.conv1 = nn.Conv2d(hidden_size, hidden_size // 2, (2, 1), stride=(1, 1), padding=(1, 0), groups=groups)
+        self.conv2 = nn.Conv2d(hidden_size // 2, hidden_size, (2, 1), stride=(1, 1), padding=(1, 0), groups=groups)
         self.output_layernorm = YuanRMSNorm(hidden_size, eps=LF_NORM_EPS)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -240,7 +322,8 @@ class YuanAttention(nn.Module):
         self.v_proj = nn.Linear(self.hidden_size, inner, bias=False)
         self.o_proj = nn.Linear(inner, self.hidden_size, bias=False)
         self.rotary_emb = YuanRotaryEmbedding(self.head_dim, config.max_position_embeddings)
-        self.lf_gate = LocalizedFiltering(self.hidden_size)
+        self.lf_gate = LocalizedFiltering(self.hidden_size, getattr(config, "lf_conv2d_group", 1),
+                                          getattr(config, "lf_conv2d_num_pad", 1))
         self.q_proj = nn.Linear(self.hidden_size, inner, bias=False)
         self.k_proj = nn.Linear(self.hidden_size, inner, bias=False)
 
@@ -257,7 +340,7 @@ class YuanAttention(nn.Module):
             position_ids: [B, S] positions for RoPE.
             attention_mask: boolean [B or 1, 1, S, past + S], True where a query may attend;
                 None: causal.
-            past_key_value: ``(key, value, lf_memory)`` from the previous call, or None.
+            past_key_value: ``(key, value, lf_memory, ...)`` from the previous call, or None.
         Returns ``(output [B, S, E], present)``; present is None unless ``use_cache``.
         """
         batch, seq_len = hidden_states.shape[:2]
@@ -364,6 +447,9 @@ class YuanPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
         elif isinstance(module, YuanRMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, YuanRotaryEmbedding):
@@ -377,8 +463,11 @@ class YuanModel(YuanPreTrainedModel):
 
     def __init__(self, config: YuanConfig):
         super().__init__(config)
-        # No padding_idx: Yuan's pad id equals its eos id, whose embedding must stay trainable.
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if getattr(config, "use_loss_mask", False):
+            raise NotImplementedError("YuanModel: use_loss_mask=True (the loss only on answers after sep_token) "
+                                      "is not implemented")
+        # As published: the pad row (Yuan's pad id is also its eos id) gets no gradient.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(YuanDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = YuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_init()
@@ -398,10 +487,17 @@ class YuanModel(YuanPreTrainedModel):
             attention_mask: None, or a 2D [B, past + S] mask of 1 (token) / 0 (padding) over
                 the cached and the new tokens; it is combined with the causal mask. The LF
                 filter does not look at it (as in the published model).
-            position_ids: [B, S]; default past + 0 .. past + S - 1.
-            past_key_values: the ``past_key_values`` of a previous call (one
-                ``(key, value, lf_memory)`` tuple per layer) to continue a sequence.
+            position_ids: [B, S]; default past + 0 .. past + S - 1, also with EOD resets (as
+                published; see ``eod_reset_position_ids``).
+            past_key_values: the ``past_key_values`` of a previous call to continue a sequence:
+                one ``(key, value, lf_memory, eod_counts)`` tuple per layer, where lf_memory
+                holds the LF inputs of the last two tokens and eod_counts [B, past] (the same
+                tensor in every layer) the ``eod_counts`` of the ids so far.
             use_cache: return ``past_key_values``; default ``config.use_cache``.
+
+        In training mode or with ``config.reset_position_ids``, and with
+        ``config.reset_attention_mask``, tokens see only their own document
+        (``document_mask``); given ``inputs_embeds`` instead of ids, there are no EOD tokens to see.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -419,6 +515,9 @@ class YuanModel(YuanPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=device).unsqueeze(0).expand(batch, -1)
         allowed = self._allowed_keys(attention_mask, seq_len, past_len, device)
+        counts = self._eod_counts(input_ids, past_key_values, batch, seq_len, device)
+        if self.config.reset_attention_mask and (self.training or self.config.reset_position_ids):
+            allowed = allowed & document_mask(counts, seq_len)
 
         hidden_states = inputs_embeds
         presents = []
@@ -430,11 +529,20 @@ class YuanModel(YuanPreTrainedModel):
                 past_key_value=None if past_key_values is None else past_key_values[index],
                 use_cache=use_cache,
             )
-            presents.append(present)
+            presents.append(None if present is None else (*present, counts))
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states, past_key_values=tuple(presents) if use_cache else None
         )
+
+    def _eod_counts(self, input_ids, past_key_values, batch: int, seq_len: int, device) -> torch.Tensor:
+        """``eod_counts`` [B, past + S] of the cached and the new tokens (none counted without ids)."""
+        new = (torch.zeros(batch, seq_len, dtype=torch.long, device=device) if input_ids is None
+               else eod_counts(input_ids, self.config.eod_token))
+        if past_key_values is None:
+            return new
+        past = past_key_values[0][3]
+        return torch.cat([past, new + past[:, -1:]], dim=1)
 
     @staticmethod
     def _allowed_keys(attention_mask, seq_len: int, past_len: int, device) -> torch.Tensor:
@@ -527,4 +635,7 @@ __all__ = [
     "YuanPreTrainedModel",
     "YuanRMSNorm",
     "YuanRotaryEmbedding",
+    "document_mask",
+    "eod_counts",
+    "eod_reset_position_ids",
 ]

@@ -115,7 +115,10 @@ class SequenceArgs(Args):
 
 
 class RowwiseArgs(LayoutArgs, SequenceArgs):
-    pass
+    """``local_output = false`` keeps the all-reduced output a replicated DTensor, for a module
+    whose parent goes on computing on DTensors (Yuan's localized filtering adds its residual)."""
+
+    local_output: bool = True
 
 
 class LmHeadArgs(SequenceArgs):
@@ -142,10 +145,11 @@ def build_rowwise(site: Site) -> ParallelStyle:
     """With ``sequence_dim`` the partial outputs are reduce-scattered along it instead of all-reduced."""
     args = site.args
     if _needs_layout(site.module, args.parts, args.unit):
-        return RowwiseLayout(parts=args.parts, unit=args.unit, heads=site.heads, sequence_dim=args.sequence_dim)
+        return RowwiseLayout(parts=args.parts, unit=args.unit, heads=site.heads, sequence_dim=args.sequence_dim,
+                             use_local_output=args.local_output)
     if _sequence(args):
         return RowwiseParallel(output_layouts=Shard(args.sequence_dim), use_local_output=False)
-    return OwnedRowwiseParallel()
+    return OwnedRowwiseParallel(use_local_output=args.local_output)
 
 
 class CheckedTokenIds(ParallelStyle):

@@ -131,8 +131,9 @@ REPLICATE = Style(
     reads=Act.REPLICATED, leaves=Act.REPLICATED, collectives=lambda site: (0, 1))
 
 # With sequence parallelism its input is all-gathered once; its input gradient is all-reduced once.
+# Inside another shared block its input is already a replicated DTensor: no collective.
 BLOCK_INPUT = Style(
     name="block_input", build=lambda site: ReplicateBlockInput(kwarg=site.args.kwarg), args=BlockInputArgs,
     doc="a block's input replicated once for all its column-parallel linears",
     reads=lambda args: Act.REPLICATED, leaves=Act.REPLICATED, shares_input=True,
-    collectives=lambda site: (int(site.sequence_parallel), 1))
+    collectives=lambda site: (int(site.sequence_parallel and site.plain_input), int(site.plain_input)))
