@@ -33,7 +33,9 @@ while another runs). An iteration of a variant measures, in this order:
 The script runs ``--warmup`` then ``--rounds`` rounds of one iteration of every variant, in an
 order that rotates from round to round, so that the machine's slower and faster stretches fall on
 every variant alike and the ratios come from one run. A TP variant's time is its slowest rank's;
-the table shows the median over the timed rounds.
+the table shows the median over the timed rounds. The closing lines also give, for each tp
+variant, the lowest and highest of its per-round ratios to transformers' TP: their spread is the
+noise of the run.
 
 ``limit`` is not a model but the time TP=2 could reach if sharding added nothing but its
 collectives: the unsharded model's time on 1 thread / 2, plus the time of the collectives one
@@ -264,6 +266,11 @@ def _check_tokens(rounds: dict, reference: dict) -> None:
                                      f"{got[pos:pos + 4]} vs {want[pos:pos + 4]}")
 
 
+def _slowest(ranks: list[dict], measure: str) -> float:
+    """A round's time of one variant: its slowest rank's."""
+    return max(r["seconds"][measure] for r in ranks)
+
+
 def _kinds(records: list) -> str:
     """'all_gather 1, all_reduce 17' from [((name, bytes, dtype), count), ...]."""
     counts = Counter()
@@ -339,8 +346,8 @@ def main() -> None:
           f"{WORLD} CPU ranks (gloo), 1 thread each; torch {torch.__version__}, "
           f"transformers {transformers.__version__}\n")
 
-    times = {key: {m: statistics.median(max(r["seconds"][m] for r in ranks) for ranks in rounds[key])
-                   for m in MEASURES} for key in pools}
+    times = {key: {m: statistics.median(_slowest(ranks, m) for ranks in rounds[key]) for m in MEASURES}
+             for key in pools}
     latency = {c: statistics.median(round_[c] for round_ in latencies) for c in replayed}
     comm = {m: sum(n * latency[c] for c, n in collectives["tp_apply"][m]) for m in MEASURES}
     times["limit"] = {m: times["unsharded_1"][m] / WORLD + comm[m] for m in MEASURES}
@@ -375,6 +382,11 @@ def main() -> None:
         ratios = {m: (t[m] / times["hf_tp"][m], t[m] / times["limit"][m]) for m in MEASURES}
         print(f"{label}: / transformers TP " + ", ".join(f"{m} {hf:.2f}" for m, (hf, _) in ratios.items())
               + "; / limit " + ", ".join(f"{m} {lim:.2f}" for m, (_, lim) in ratios.items()))
+        # the same ratio within each round (both variants ran minutes apart at most): its spread shows the noise
+        spread = {m: [_slowest(ours, m) / _slowest(theirs, m) for ours, theirs in zip(rounds[key], rounds["hf_tp"])]
+                  for m in MEASURES}
+        print("  / transformers TP, lowest and highest round: "
+              + ", ".join(f"{m} {min(r):.2f}-{max(r):.2f}" for m, r in spread.items()))
         decode = [m for m in MEASURES if m.startswith("decode")]
         met = all(ratios[m][0] <= 0.8 and ratios[m][1] <= 1.3 for m in decode)
         print(f"  target decode <= 0.8 x transformers TP and <= 1.3 x limit: {'met' if met else 'NOT met'}")
