@@ -4,10 +4,13 @@
 shards it with ``tp.apply``, then ``load`` reads for every parameter only the rows this rank
 holds (its byte ranges of the safetensors files, read with ``os.pread``, after their headers
 are validated in ``files.py``), whatever the layout: contiguous shards, strided parts (fused
-qkv, packed gate_up, Yuan's v/o halves), replicated kv heads, tied embeddings. A rank never
-holds more than its shards, and every rank gets the same outcome (``ranks.py``).
+qkv, packed gate_up, Yuan's v/o halves), replicated kv heads, tied embeddings, and tensors
+that transformers renames or converts on load, such as Mixtral's per-expert weights packed
+into the experts' 3-D parameters (``conversion.py``). A rank never holds more than its shards,
+and every rank gets the same outcome (``ranks.py``).
 ``save_pretrained`` gathers the parameters one by one and writes an ordinary Hugging Face
-checkpoint from rank 0, swapped in whole (``atomic.py``).
+checkpoint from rank 0, swapped in whole (``atomic.py``), in the layout of the checkpoint the
+model was loaded from, as transformers saves (per-expert names where it writes them).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ..sharding.gather import full_state_dict
 from ..sharding.tags import copy_tags, local_shard_of, local_shard_parameter
 from ..sharding.ties import retie, tied_groups
 from .atomic import save_directory
+from .conversion import Reader, Source, read_converted, sources
 from .files import (
     DTYPES,
     INDEX_FILE,
@@ -118,8 +122,12 @@ def load(model: nn.Module, checkpoint_dir: str | os.PathLike, *, strict: bool = 
     ties = tied_groups(model)
     tied_aliases = {f"{p}.{n}" if p else n for group in ties for p, n in group[1:]}
     params = [(name, p) for name, p in model.named_parameters(remove_duplicate=False) if name not in tied_aliases]
-    loaded = agree(lambda: _read_own_rows(model, params, checkpoint_dir, strict, progress),
-                   what=f"tp.load({checkpoint_dir})")
+    loaded, conversions = agree(lambda: _read_own_rows(model, params, checkpoint_dir, strict, progress),
+                                what=f"tp.load({checkpoint_dir})")
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):  # saved back in the checkpoint's layout, as after transformers' load
+        model._weight_conversions = conversions
     for name, param in params:
         module_path, _, attr = name.rpartition(".")
         module = model.get_submodule(module_path)
@@ -128,35 +136,45 @@ def load(model: nn.Module, checkpoint_dir: str | os.PathLike, *, strict: bool = 
 
 
 def _read_own_rows(model: nn.Module, params: list[tuple[str, torch.Tensor]], checkpoint_dir, strict: bool,
-                   progress: bool | None) -> dict[str, torch.Tensor]:
-    """Parameter name -> this rank's rows of it, read from the checkpoint after checking its names."""
+                   progress: bool | None) -> tuple[dict[str, torch.Tensor], list]:
+    """(parameter name -> this rank's rows of it, transformers' conversions that renamed or converted
+    checkpoint tensors), read from the checkpoint after checking its names, which are renamed and
+    converted as transformers converts them on load (``conversion.py``)."""
     files = checkpoint_files(checkpoint_dir)
-    _check_names(model, [name for name, _ in params], files, checkpoint_dir, strict)
+    names = sources(model, files, known=model.state_dict())
+    found = names.found
+    _check_names(model, [name for name, _ in params], found, names.extra, files, checkpoint_dir, strict)
     handles: dict[Path, SafetensorsFile] = {}
     loaded: dict[str, torch.Tensor] = {}
     update = progress_reporter(progress)
     with contextlib.ExitStack() as stack:
-        for done, (name, param) in enumerate(params, 1):
-            path = files[name]
+        def open_file(key: str) -> SafetensorsFile:
+            path = files[key]
             if path not in handles:
                 try:
                     handles[path] = stack.enter_context(opened(path))
                 except CheckpointError as e:
-                    raise CheckpointError(f"{e}; it holds {name}") from e
-            loaded[name] = _read_parameter(handles[path], name, param)
+                    raise CheckpointError(f"{e}; it holds {key}") from e
+            f = handles[path]
+            if key not in f.header:
+                raise CheckpointError(f"{f.path}: tensor {key} is not in the file its index names")
+            return f
+
+        for done, (name, param) in enumerate(params, 1):
+            loaded[name] = _read_parameter(open_file, name, found[name], param, model)
             update(done, len(params), name)
-    return loaded
+    return loaded, names.used
 
 
-def _check_names(model: nn.Module, needed: list[str], files: dict[str, Path], checkpoint_dir, strict: bool) -> None:
+def _check_names(model: nn.Module, needed: list[str], found: dict[str, Source], extra: list[str],
+                 files: dict[str, Path], checkpoint_dir, strict: bool) -> None:
     """Every parameter in the checkpoint; no tensor in it that the model lacks (unless not ``strict``)."""
-    missing = [name for name in needed if name not in files]
+    missing = [name for name in needed if name not in found]
     if missing:
         raise CheckpointError(f"{checkpoint_dir}: the checkpoint lacks {len(missing)} tensor(s) the model needs: "
                               f"{_listed(missing)}; it was saved for another model or configuration")
     ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
-    known = set(model.state_dict())
-    extra = [name for name in files if name not in known and not any(p.search(name) for p in ignored)]
+    extra = [name for name in extra if not any(p.search(name) for p in ignored)]
     if not extra:
         return
     message = (f"{checkpoint_dir}: the checkpoint holds {len(extra)} tensor(s) the model lacks: {_listed(extra)} "
@@ -172,19 +190,25 @@ def _listed(names: list[str]) -> str:
     return f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
 
 
-def _read_parameter(f: SafetensorsFile, name: str, param: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of ``name`` from its file, checked against the parameter it fills."""
-    if name not in f.header:
-        raise CheckpointError(f"{f.path}: tensor {name} is not in the file its index names")
-    shape = f.shape(name)
-    if shape != _global_shape(param):
-        raise CheckpointError(f"{f.path}: tensor {name} has shape {list(shape)}, but the model's is "
-                              f"{list(_global_shape(param))}; the checkpoint is for another configuration")
-    if param.is_floating_point() and not f.dtype(name).is_floating_point:
-        raise CheckpointError(f"{f.path}: tensor {name} is {f.dtype(name)}, which the model's {param.dtype} "
-                              "parameter cannot take")
+def _read_parameter(open_file: Reader, name: str, source: Source, param: torch.Tensor,
+                    model: nn.Module) -> torch.Tensor:
+    """This rank's rows of parameter ``name`` from the checkpoint tensor(s) that hold it, checked
+    against the parameter it fills."""
+    for key in source.keys:
+        f = open_file(key)
+        if param.is_floating_point() and not f.dtype(key).is_floating_point:
+            raise CheckpointError(f"{f.path}: tensor {key} is {f.dtype(key)}, which the model's {param.dtype} "
+                                  "parameter cannot take")
     dim, rows = _local_indices(param)
-    return f.read(name, dim, rows).to(param.dtype)
+    if source.converter is not None:
+        return read_converted(open_file, name, source, model, param.dtype, _global_shape(param), dim, rows)
+    (key,) = source.keys
+    f = open_file(key)
+    shape = f.shape(key)
+    if shape != _global_shape(param):
+        raise CheckpointError(f"{f.path}: tensor {key} has shape {list(shape)}, but the model's is "
+                              f"{list(_global_shape(param))}; the checkpoint is for another configuration")
+    return f.read(key, dim, rows).to(param.dtype)
 
 
 def _materialize(param: torch.Tensor, local: torch.Tensor) -> nn.Parameter:
