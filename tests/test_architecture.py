@@ -20,6 +20,7 @@ LAYERS = [
     {"trial"},
     {"parallelize"},
     {"checkpoint"},
+    {"trainer"},
     {"testing"},
     {"cli", "__main__", "__init__"},
 ]
