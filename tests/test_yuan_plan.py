@@ -7,8 +7,12 @@ the unsharded model's (the tied embedding counted once), on the registry's tiny 
 8 heads, intermediate 128, vocab 256, 2 layers).
 """
 
+import copy
+
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 import tp
 import tp.testing.models
@@ -77,3 +81,25 @@ def test_grouped_filter_is_refused_before_sharding_and_runs_replicated(pool2):
     with pytest.raises(tp.PlanError, match=r"model\.layers\.0\.self_attn\.lf_gate: .*lf_conv2d_group=2.*yuan_replicate"):
         tp.resolve(model, 2)
     _exact(tp.verify("yuan_replicate", tp=2, pool=pool2, config_overrides={"lf_conv2d_group": 2}))
+
+
+def _padding_grads_on_rank(pad: int) -> tuple[float, float, float]:
+    model = tp.testing.models.tiny_model("yuan", pad_token_id=pad)
+    reference = copy.deepcopy(model)
+    tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)))
+    # pad and the first row of each rank's vocabulary shard (0 and 128 of 256)
+    ids = torch.tensor([[5, pad, 0, 128, 200, pad, 64, 192], [pad, 7, 129, 1, pad, 130, 250, 3]])
+    reference(ids).logits.square().sum().backward()
+    model(ids).logits.square().sum().backward()
+    weight = model.model.embed_tokens.weight
+    grad, expected = tp.full_tensor(weight.grad, like=weight), reference.model.embed_tokens.weight.grad
+    return (grad - expected).abs().max().item() / expected.abs().max().item(), grad[pad].abs().max().item(), \
+        expected.abs().max().item()
+
+
+@pytest.mark.parametrize("pad", [0, 128])
+def test_vocab_parallel_embedding_keeps_the_padding_row_without_gradient(pad, pool2):
+    """padding_idx is a global row: the rank holding it leaves it without gradient, and the other
+    rank's first local row (which has the same local index) still gets its own."""
+    for relative, pad_grad, largest in pool2.run(_padding_grads_on_rank, pad):
+        assert relative <= 1e-4 and pad_grad == 0 and largest > 0
