@@ -104,3 +104,18 @@ def test_an_unsharded_model_is_sent_to_transformers_trainer():
 
     with pytest.raises(PlanError, match="call tp.apply"):
         tensor_parallel_mesh(tiny_model("llama"))
+
+
+@pytest.mark.slow  # a launcher, torchrun and 2 ranks, each importing torch and transformers: ~1 min on 2 busy cores
+def test_the_example_runs_as_its_docstring_says():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "examples/trainer.py", "--steps", "2"], capture_output=True, text=True,
+                         timeout=400, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    table = out.stdout.splitlines()[-3:]  # the header, then one line per step: step, losses, rel. diff, norms
+    assert table[0].startswith("step  unsharded"), out.stdout
+    assert [int(line.split()[0]) for line in table[1:]] == [0, 1], out.stdout
+    assert all(float(line.split()[3]) <= 1e-5 for line in table[1:]), out.stdout
