@@ -113,7 +113,7 @@ def test_the_example_runs_as_its_docstring_says():
     from pathlib import Path
 
     out = subprocess.run([sys.executable, "examples/trainer.py", "--steps", "2"], capture_output=True, text=True,
-                         timeout=400, cwd=Path(__file__).resolve().parents[1])
+                         timeout=400, cwd=Path(__file__).resolve().parents[1], check=False)
     assert out.returncode == 0, out.stderr
     table = out.stdout.splitlines()[-3:]  # the header, then one line per step: step, losses, rel. diff, norms
     assert table[0].startswith("step  unsharded"), out.stdout
