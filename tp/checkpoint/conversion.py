@@ -12,10 +12,15 @@ same rules, so a family that transformers converts needs no rule of tp's:
 - rows (``read_converted``): for a parameter this rank holds only some rows of, the converter's
   own operations run once on small index tensors (one code per row of each checkpoint tensor
   along one dimension, size 1 along the others). Their result says which rows of which
-  checkpoint tensor land in this rank's rows. The rank reads only those rows and runs the
-  converter on them. That is exact when slicing commutes with the operations (stacking,
-  concatenating, transposing), which a second index run checks; a converter that does not
-  commute is run on the whole tensors, then sliced (correct, with more memory for that parameter).
+  checkpoint tensor land in this rank's rows. The rank reads only those rows. That is exact when
+  slicing commutes with the operations (stacking, concatenating, transposing), which a second
+  index run checks; a converter that does not commute is run on the whole tensors, then sliced
+  (correct, with more memory for that parameter).
+- places: when index runs along the other dimensions show that the converter moves every
+  checkpoint row whole (as stacking experts and concatenating gate and up do), each row is
+  read straight into its place in the rank's parameter, with no copy of the parameter in
+  between (stacking, then concatenating, would hold it three times at the peak); otherwise the
+  converter runs on the rows read.
 """
 
 from __future__ import annotations
@@ -115,21 +120,27 @@ def read_converted(open_file: Reader, target: str, source: Source, model: nn.Mod
     def read(key: str, along: int | None, wanted: list[int] | None) -> torch.Tensor:
         return open_file(key).read(key, along, wanted).to(dtype)
 
-    plan = None if dim is None else _rows_per_source(convert, shapes, global_shape, dim, rows)
-    if plan is not None:
-        along, wanted = plan
-        local = convert([read(key, along, r) for key, r in zip(source.keys, wanted)])
+    if dim is None:  # the whole parameter: all its rows along dimension 0
+        dim, rows = 0, list(range(global_shape[0]))
+    plan = _rows_per_source(convert, shapes, global_shape, dim, rows)
+    expected = list(global_shape)
+    expected[dim] = len(rows)
+    placement = None if plan is None else _placement(convert, shapes, plan, expected)
+    if placement is not None:
+        # each checkpoint row read once, straight into its place: no copy of the parameter in between
+        local = torch.empty(expected, dtype=dtype)
+        view = local.permute(placement[0])
+        for key, rows_of_key, (where, order) in zip(source.keys, plan.rows, _positions(plan, placement)):
+            view[where] = read(key, plan.dim, rows_of_key).movedim(plan.dim, 0)[order]
+    elif plan is not None:
+        local = convert([read(key, plan.dim, r) for key, r in zip(source.keys, plan.rows)])
     else:
         local = convert([read(key, None, None) for key in source.keys])
         if tuple(local.shape) != tuple(global_shape):
             raise CheckpointError(f"{open_file(source.keys[0]).path}: {', '.join(source.keys[:2])}... convert into "
                                   f"{target} of shape {list(local.shape)}, but the model's is {list(global_shape)}; "
                                   "the checkpoint is for another configuration")
-        if dim is not None:
-            local = local.index_select(dim, torch.tensor(rows, dtype=torch.long)).contiguous()
-    expected = list(global_shape)
-    if dim is not None:
-        expected[dim] = len(rows)
+        local = local.index_select(dim, torch.tensor(rows, dtype=torch.long)).contiguous()
     if list(local.shape) != expected:
         raise CheckpointError(f"{open_file(source.keys[0]).path}: {source.keys[0]} and the other {len(source.keys) - 1} "
                               f"tensor(s) of {target} convert into rows of shape {list(local.shape)}, but this "
@@ -150,11 +161,22 @@ def _convert(source: Source, target: str, tensors: list[torch.Tensor], model: nn
     return next(iter(converted.values()))
 
 
+@dataclass(frozen=True)
+class RowPlan:
+    """Converting rows ``rows[k]`` along dimension ``dim`` of each checkpoint tensor ``k`` gives this
+    rank's rows of the parameter; ``codes`` says where each lands: at each position of the rank's
+    rows (size 1 along the dimensions that the checkpoint rows fill), ``k * width + row``."""
+
+    dim: int
+    rows: list[list[int]]
+    codes: torch.Tensor
+    width: int
+
+
 def _rows_per_source(convert, shapes: list[tuple[int, ...]], global_shape: tuple[int, ...], dim: int,
-                     rows: list[int]) -> tuple[int, list[list[int]]] | None:
-    """(dimension ``j`` of the checkpoint tensors, rows of each along ``j``) such that converting
-    just those rows gives this rank's ``rows`` of the parameter along ``dim``; None when no
-    dimension does (the converter does not commute with slicing)."""
+                     rows: list[int]) -> RowPlan | None:
+    """Which rows of which checkpoint tensor make this rank's ``rows`` of the parameter along
+    ``dim``; None when slicing along no dimension commutes with the converter."""
     ndims = {len(shape) for shape in shapes}
     if len(ndims) != 1:
         return None
@@ -172,8 +194,47 @@ def _rows_per_source(convert, shapes: list[tuple[int, ...]], global_shape: tuple
         sliced = _converted_or_none(convert, [c.index_select(j, torch.tensor(r, dtype=torch.long))
                                               for c, r in zip(codes, per_source)])
         if sliced is not None and sliced.shape == wanted.shape and torch.equal(sliced, wanted):
-            return j, per_source
+            return RowPlan(j, per_source, wanted, width)
     return None
+
+
+def _placement(convert, shapes: list[tuple[int, ...]], plan: RowPlan,
+               local_shape: list[int]) -> tuple[list[int], int] | None:
+    """(a permutation of the local parameter's dimensions, how many lead) that puts first those the
+    row codes index and last, in order, the checkpoint tensors' other dimensions, when the converter moves each
+    checkpoint row whole (each of those dimensions lands intact on one of the parameter's); None
+    when it does not, or this cannot be told."""
+    codes = plan.codes
+    lead = [d for d in range(codes.dim()) if codes.shape[d] != 1 or local_shape[d] == 1]
+    rest = [d for d in range(codes.dim()) if d not in lead]
+    others = [c for c in range(len(shapes[0])) if c != plan.dim]
+    if not lead or len(rest) != len(others) or any(local_shape[d] != shapes[0][c] for d, c in zip(rest, others)) or \
+            any(tuple(shape) != tuple(shapes[0]) for shape in shapes):
+        return None
+    for d, c in zip(rest, others):  # dimension c of every checkpoint tensor must land, in order, on d
+        size = shapes[0][c]
+        probe = [torch.arange(size).reshape([-1 if i == c else 1 for i in range(len(shape))]) for shape in shapes]
+        landed = _converted_or_none(convert, probe)
+        if landed is None or landed.dim() != len(local_shape) or landed.shape[d] != size:
+            return None
+        rows_of_it = landed.movedim(d, -1).reshape(-1, size)
+        if not torch.equal(rows_of_it, torch.arange(size).expand_as(rows_of_it)):
+            return None
+    return lead + rest, len(lead)
+
+
+def _positions(plan: RowPlan, placement: tuple[list[int], int]) -> list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]:
+    """For each checkpoint tensor: (indices along the leading dimensions of the local parameter
+    permuted by ``placement``, index among the rows read) of each of its rows that lands here."""
+    order, lead = placement
+    codes = plan.codes.permute(order)
+    codes = codes.reshape(codes.shape[:lead])  # the other dimensions have size 1
+    found = []
+    for k, rows in enumerate(plan.rows):
+        mine = (codes // plan.width) == k
+        order = torch.searchsorted(torch.tensor(rows, dtype=torch.long), codes[mine] % plan.width)
+        found.append((mine.nonzero(as_tuple=True), order))
+    return found
 
 
 def _converted_or_none(convert, codes: list[torch.Tensor]) -> torch.Tensor | None:
