@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import fully_shard
 
 try:
     import tp
@@ -49,18 +49,6 @@ def decoder_layers(model):
     return [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
 
 
-def full_params(model) -> dict:
-    """Every parameter whole, on every rank. Unshard over dp first, then gather over tp: torch 2.13's
-    ``DTensor.full_tensor()`` is wrong for some 2-D placements (GPT-2's fused ``c_attn.bias``)."""
-    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in fsdp:
-        m.unshard()
-    full = {name: tp.full_tensor(p.detach()).clone() for name, p in model.named_parameters()}
-    for m in fsdp:
-        m.reshard()  # frees the unsharded parameters (hence the clone above)
-    return full
-
-
 def train(family: str, steps: int, tp_size: int, device: str) -> None:
     world, rank = dist.get_world_size(), dist.get_rank()
     mesh = init_device_mesh(device, (world // tp_size, tp_size), mesh_dim_names=("dp", "tp"))
@@ -73,14 +61,16 @@ def train(family: str, steps: int, tp_size: int, device: str) -> None:
         fully_shard(layer, mesh=mesh["dp"])
     fully_shard(model, mesh=mesh["dp"])
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
-    ref_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3, foreach=False)
+    # the standard loop: every parameter is a DTensor, so foreach AdamW and clip_grad_norm_ take them
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    ref_optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3, foreach=True)
     gen = torch.Generator().manual_seed(1)
     for step in range(steps):
         batch = torch.randint(3, model.config.vocab_size, (dp_size * BATCH, SEQ), generator=gen).to(device)
         mine = batch[dp_rank * BATCH:(dp_rank + 1) * BATCH]
         loss = model(input_ids=mine, labels=mine, use_cache=False).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
         loss = loss.detach()
@@ -89,6 +79,7 @@ def train(family: str, steps: int, tp_size: int, device: str) -> None:
 
         ref_loss = reference(input_ids=batch, labels=batch, use_cache=False).loss
         ref_loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
         ref_optimizer.step()
         ref_optimizer.zero_grad()
         if rank == 0:
@@ -96,7 +87,7 @@ def train(family: str, steps: int, tp_size: int, device: str) -> None:
             print(f"step {step}: loss fsdp+tp {loss.item():.7f}  unsharded {ref_loss.item():.7f}  "
                   f"rel diff {rel:.1e}", flush=True)
 
-    full = full_params(model)
+    full = tp.full_state_dict(model)  # unshards over dp, then gathers over tp
     diff = max((full[name] - p.detach()).abs().max().item() for name, p in reference.named_parameters())
     if rank == 0:
         print(f"{family}, dp={dp_size} x tp={tp_size}, after {steps} AdamW steps: "

@@ -72,6 +72,8 @@ def _compare(ref: nn.Module, model: nn.Module, x: torch.Tensor, seed: int) -> di
         "gathered_exact": gathered_exact,
         "placements": {name: str(tuple(p.placements)) for name, p in params.items() if isinstance(p, DTensor)},
         "dtensor_params": sorted(n for n, p in params.items() if isinstance(p, nn.Parameter) and isinstance(p, DTensor)),
+        "sharded_params": sorted(n for n, p in params.items()
+                                 if isinstance(p, DTensor) and not all(pl.is_replicate() for pl in p.placements)),
         "forward": dict(fwd.counts()),
         "backward": dict(bwd.counts()),
     }
@@ -103,8 +105,11 @@ def _assert_exact(results: list[dict], all_reduces: int = 1) -> None:
         assert r["input_grad_rel"] <= 1e-4, r
         assert r["grad_rel"] and max(r["grad_rel"].values()) <= 1e-4, r
         assert r["gathered_exact"], r
-        # the sharded convolutions' parameters, and only those, are DTensor parameters after the run
-        assert r["dtensor_params"] == sorted(n for n in r["grad_rel"] if ".conv" in n or n.startswith("conv")), r
+        # every parameter stays a DTensor Parameter after the run; the convolutions' weights, and only
+        # those, are sharded (a row-parallel conv's bias is replicated, added once after the all-reduce)
+        assert r["dtensor_params"] == sorted(r["grad_rel"]), r
+        assert r["sharded_params"] == sorted(n for n in r["grad_rel"] if n.rpartition(".")[0].endswith(("conv1", "conv2"))
+                                             and not n.endswith("conv2.bias")), r
         assert r["forward"] == {"all_reduce": all_reduces}, r
         assert r["backward"] == {"all_reduce": all_reduces}, r
 

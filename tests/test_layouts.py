@@ -17,6 +17,7 @@ import tp
 import tp.checks.sizes
 import tp.testing.launch
 import tp.testing.models
+from tp.sharding.lending import local_of
 from tp.errors import PlanError
 from tp.sharding.heads import Heads
 from tp.sharding.layouts import Layout, Part
@@ -33,7 +34,7 @@ def test_fused_qkv_rows_follow_each_part():
     # tp=4 > 2 kv heads: ranks 0-1 share kv head 0, ranks 2-3 kv head 1
     assert qkv.rows(4, 1) == [*range(8, 16), *range(32, 36), *range(40, 44)]
     assert qkv.rows(4, 2) == [*range(16, 24), *range(36, 40), *range(44, 48)]
-    assert qkv.replicated_rows(4, 2) == list(range(8, 16))
+    assert qkv.repeats_rows(4) and not qkv.repeats_rows(2)
     assert qkv.placement(0, 2) is None and qkv.placement(0, 4) is None  # unequal parts, replicas
 
 
@@ -135,7 +136,7 @@ def _fused_on_rank(linear_kind: str) -> dict:
                   for n, g in grads.items()},
         "exact": all(torch.equal(tp.full_tensor(p.detach(), like=p), ref_grads[n].detach())
                      for n, p in model.named_parameters()),
-        "local_rows": tuple(model.qkv.weight.shape),
+        "local_rows": tuple(local_of(model.qkv.weight).shape),
     }
 
 
@@ -148,7 +149,9 @@ def test_fused_gqa_qkv_matches_the_plain_module(pool_name, linear_kind, request)
         assert r["out"] <= 1e-5 and r["input_grad"] <= 1e-4, r
         assert max(r["grads"].values()) <= 1e-4, r
         assert r["exact"], r
-    rows = 48 // len(results) if len(results) == 2 else 8 + 4 + 4  # 2 q heads + the shared k and v heads
+    # tp=4 keeps the fused weight whole (its kv heads repeat over ranks) and computes with 2 q heads
+    # and the shared k and v heads of it
+    rows = 48 // len(results) if len(results) == 2 else 48
     expected = (rows, 16) if linear_kind == "linear" else (16, rows)
     assert results[0]["local_rows"] == expected
 
@@ -186,3 +189,21 @@ def test_yuan_at_tp3_with_sizes_the_registry_does_not_use():
             "vocab_size": 300})
     assert result.ok, result.table()
     assert result.per_block_forward == 3  # o_proj, down_proj and the sharded filter's conv2
+
+
+def _gathered_after_to(family: str) -> bool:
+    """phi3's fused qkv_proj holds its rows in rank order (a Shard DTensor of a permutation); after
+    ``model.to()`` replaces the Parameter objects, the full state dict still un-permutes it."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model = tp.testing.models.tiny_model(family)
+    original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)))
+    model.to("cpu")
+    full = tp.full_state_dict(model)
+    return all(torch.equal(full[name], value) for name, value in original.items())
+
+
+def test_full_state_dict_is_exact_after_model_to(pool2):
+    assert pool2.run(_gathered_after_to, "phi3") == [True, True]

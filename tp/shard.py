@@ -13,12 +13,18 @@ from .errors import PlanError
 from .plan.resolved import ResolvedPlan
 from .sharding.heads import set_local_counts
 from .sharding.ties import retie, tied_groups
+from .sharding.whole import replicate_whole_parameters
 
 
 def refuse_inconsistent(model: nn.Module, resolved: ResolvedPlan) -> None:
     """Raise PlanError listing where the plan's styles do not fit together, if anywhere."""
     if resolved.inconsistencies:
         raise PlanError(f"{type(model).__name__}: the plan is inconsistent:\n  " + "\n  ".join(resolved.inconsistencies))
+
+
+def _listed_modules(model: nn.Module) -> list[str]:
+    """Paths of the entries of every module list: the blocks a model may call on their own."""
+    return [f"{path}.{i}" for path, m in model.named_modules() if isinstance(m, nn.ModuleList) for i in range(len(m))]
 
 
 def shard(model: nn.Module, mesh: DeviceMesh, resolved: ResolvedPlan) -> report_.Report:
@@ -30,6 +36,7 @@ def shard(model: nn.Module, mesh: DeviceMesh, resolved: ResolvedPlan) -> report_
     ties = tied_groups(model)
     parallelize_module(model, mesh, resolved.styles(model))
     retie(model, ties, set(resolved.decisions))
+    replicate_whole_parameters(model, mesh, _listed_modules(model))
     sizes.divide_attributes(model, resolved.divide, tp)
     if resolved.local_counts:
         set_local_counts(model, resolved.local_counts, resolved.heads, tp)

@@ -30,8 +30,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..errors import CheckpointError
-from ..sharding.layouts import Layout
-from ..sharding.tags import LocalShard, layout_of
+from ..sharding.tags import LocalShard, layouts_by_name
 from .atomic import save_directory
 from .files import existing_directory
 from .ranks import ENTRY_TIMEOUT_S, agree, one_line
@@ -54,17 +53,16 @@ def _local_pieces(local: torch.Tensor, shard: LocalShard) -> list[torch.Tensor]:
 
 def _part_dtensors(param: torch.Tensor, shard: LocalShard) -> list[DTensor]:
     local = (param.to_local() if isinstance(param, DTensor) else param).detach()
-    mesh, dim, tp = shard.mesh, shard.dim, shard.mesh.size()
+    mesh, dim = shard.mesh, shard.dim
+    if shard.layout.repeats_rows(mesh.size()):  # stored whole: each part whole on every rank
+        pieces = local.split([p.rows for p in shard.layout.parts], dim=dim)
+        return [DTensor.from_local(piece.contiguous(), mesh, [Replicate()], run_check=False) for piece in pieces]
     parts = []
     for part, piece in zip(shard.layout.parts, _local_pieces(local, shard)):
         shape = list(local.shape)
         shape[dim] = part.rows
-        if part.units >= tp:
-            parts.append(DTensor.from_local(piece.contiguous(), mesh, [Shard(dim)], run_check=False,
-                                            shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride()))
-        else:  # kv heads held by several ranks each: the whole (small) part on every rank
-            whole = Layout((part,)).gather(piece.contiguous(), dim, group=mesh.get_group())
-            parts.append(DTensor.from_local(whole, mesh, [Replicate()], run_check=False))
+        parts.append(DTensor.from_local(piece.contiguous(), mesh, [Shard(dim)], run_check=False,
+                                        shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride()))
     return parts
 
 
@@ -72,10 +70,10 @@ def state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[_Split]]
     """The model's state for DCP, with fused parameters split into their parts."""
     state, splits = {}, []
     params = dict(model.named_parameters())
+    layouts = layouts_by_name(model)
     for name, value in model.state_dict().items():
-        param = params.get(name)
-        shard = layout_of(param) if param is not None else None
-        if shard is None:
+        param, shard = params.get(name), layouts.get(name)
+        if param is None or shard is None:
             state[name] = value
             continue
         split = _Split(param, shard, _part_dtensors(param, shard))
@@ -148,15 +146,7 @@ def load(model: nn.Module, checkpoint_id: str | os.PathLike) -> None:
 
 def _put_back(split: _Split) -> None:
     """Copy a parameter's loaded parts into it: this rank's rows of each, in the layout's order."""
-    mesh = split.shard.mesh
-    tp_rank = (mesh.size(), mesh.get_local_rank())
-    pieces = []
-    for part, loaded in zip(split.shard.layout.parts, split.parts):
-        local = loaded.to_local()
-        if part.units < tp_rank[0]:  # the whole part: keep this rank's unit
-            unit = part.local_units(*tp_rank)[0]
-            local = local.narrow(split.shard.dim, unit * part.unit_rows, part.unit_rows)
-        pieces.append(local)
+    pieces = [loaded.to_local() for loaded in split.parts]
     target = split.param.to_local() if isinstance(split.param, DTensor) else split.param
     with torch.no_grad():
         target.copy_(torch.cat(pieces, dim=split.shard.dim))

@@ -25,8 +25,9 @@ def sharded_dims(decision: Decision, module: nn.Module) -> dict[str, int]:
 
 
 def local_shape(shape: tuple[int, ...], dim: int | None, tp: int, layout: Layout | None = None) -> tuple[int, ...]:
-    """The shape on rank 0 (which holds the largest shard when the sizes are uneven)."""
-    if dim is None:
+    """The shape rank 0 stores (it holds the largest shard when the sizes are uneven). A layout that
+    gives some rows to several ranks is stored whole (tp/sharding/tags.py)."""
+    if dim is None or (layout is not None and layout.repeats_rows(tp)):
         return tuple(shape)
     size = len(layout.rows(tp, 0)) if layout is not None else -(-shape[dim] // tp)
     return tuple(size if i == dim else s for i, s in enumerate(shape))

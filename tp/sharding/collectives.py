@@ -41,12 +41,16 @@ def f(x: torch.Tensor, group) -> torch.Tensor:
     return _ReduceGradInBackward.apply(x, partial(dist.all_reduce, group=group))
 
 
-def sum_replicated_grad(x: torch.Tensor, shard) -> torch.Tensor:
-    """``x``, this rank's rows of ``shard`` (a ``LocalShard``), unchanged; in the backward the
-    gradient of its rows replicated over ranks (kv heads with TP > kv heads) is summed over the
-    ranks that hold them (one all-reduce)."""
-    return _ReduceGradInBackward.apply(
-        x, partial(shard.layout.sum_replicated, dim=shard.dim, group=shard.mesh.get_group()))
+def rows_of_whole(whole: torch.Tensor, shard) -> torch.Tensor:
+    """This rank's rows of ``whole``, the local tensor of a parameter kept whole because its layout
+    (``shard.layout``, a ``LocalShard``'s) gives some rows to several ranks (kv heads with TP > kv
+    heads). Each rank's gradient of ``whole`` covers only the rows it used, so in the backward it
+    is summed over the ranks (``f``, one all-reduce)."""
+    mesh = shard.mesh
+    rows = torch.tensor(shard.layout.rows(mesh.size(), mesh.get_local_rank()), device=whole.device)
+    if whole.requires_grad:
+        whole = f(whole, mesh.get_group())
+    return whole.index_select(shard.dim, rows)
 
 
 class _OwnedLocal(torch.autograd.Function):

@@ -12,7 +12,7 @@ so every rank holds the kv head its query heads use.
 
 Where the slices can be described by a DTensor placement (one part: ``Shard``; equal parts:
 ``_StridedShard``), the parameter is a DTensor whose global view is the original tensor.
-Otherwise the rank keeps a plain tensor of its rows and the layout gathers it back.
+Otherwise the layout gathers the rows back (tp/sharding/tags.py says how each kind is stored).
 
 Example::
     >>> qkv = Layout((Part(8, 4), Part(2, 4, replicable=True), Part(2, 4, replicable=True)))
@@ -94,9 +94,13 @@ class Layout:
             start += part.rows
         return out
 
+    def repeats_rows(self, tp: int) -> bool:
+        """Whether some rows go to more than one rank (a part with fewer units than ranks)."""
+        return tp > 1 and any(p.units < tp for p in self.parts)
+
     def placement(self, dim: int, tp: int) -> Placement | None:
         """The DTensor placement that gives exactly these slices, or None if there is none."""
-        if any(p.units < tp and tp > 1 for p in self.parts):
+        if self.repeats_rows(tp):
             return None  # replicated units: no single placement on a 1-D mesh
         if len(self.parts) == 1:
             return Shard(dim)
@@ -120,31 +124,3 @@ class Layout:
             index = torch.tensor(self.rows(tp, rank), device=local.device)
             full.index_copy_(dim, index, piece)
         return full
-
-    def replicated_rows(self, tp: int, rank: int) -> list[int]:
-        """Local row positions of this rank's replicated units, whose gradients sum over replicas."""
-        out, position = [], 0
-        for part in self.parts:
-            count = len(part.local_units(tp, rank)) * part.unit_rows
-            if part.replicas(tp) > 1:
-                out.extend(range(position, position + count))
-            position += count
-        return out
-
-    def sum_replicated(self, grad: torch.Tensor, dim: int, group=None) -> None:
-        """Sum, in place, the gradient of replicated rows over the ranks that hold the same rows.
-
-        Every rank scatters its replicated rows into a zero tensor of the full size; one
-        all-reduce then adds up the replicas of each row, and each rank reads its rows back.
-        """
-        tp, rank = dist.get_world_size(group), dist.get_rank(group)
-        local = torch.tensor(self.replicated_rows(tp, rank), device=grad.device)
-        if not len(local):
-            return
-        rows = torch.tensor(self.rows(tp, rank), device=grad.device)[local]
-        shape = list(grad.shape)
-        shape[dim] = self.size
-        full = grad.new_zeros(shape)
-        full.index_copy_(dim, rows, grad.index_select(dim, local))
-        dist.all_reduce(full, group=group)
-        grad.index_copy_(dim, local, full.index_select(dim, rows))

@@ -3,43 +3,57 @@
 Styles that run a module's own ``forward`` on local tensors (fused layouts, convolutions,
 experts, per-head rows) swap each parameter for its local shard for the duration of one call:
 nothing replaces ``forward``, and the Parameters the optimizer and checkpoints see stay put.
+
+Lending nests: each lender (a style by default, or a scope that lends whole parameters, see
+``tp.sharding.whole``) takes back only what it lent, inner lenders first, and a parameter already
+lent is left to its first lender.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-_LENT = "_tp_lent_params"  # the module's own parameters while its forward runs on local shards
+_LENT = "_tp_lent_params"  # lender -> the module's own parameters it lent, while they are lent
+STYLE = "style"  # the lender of a style that lends a module's parameters to its own forward
 
 
-def lend_local_params(module: nn.Module, names, local_fn) -> None:
-    """Swap the parameters ``names`` for ``local_fn(name, param)`` until ``take_back_params``."""
-    lent = {name: module._parameters[name] for name in names if module._parameters.get(name) is not None}
-    module.__dict__[_LENT] = lent
-    for name, param in lent.items():
-        module._parameters[name] = local_fn(name, param)
+def lend_local_params(module: nn.Module, names, local_fn, *, lender: Hashable = STYLE) -> None:
+    """Swap the parameters ``names`` for ``local_fn(name, param)`` until ``take_back_params``.
+
+    A name that holds a lent tensor (not a Parameter) is left as it is. One that holds a Parameter
+    again although an outer lender lent it (FSDP2 put its unsharded parameter there) is lent anew."""
+    mine = module.__dict__.setdefault(_LENT, {}).setdefault(lender, {})
+    for name in names:
+        param = module._parameters.get(name)
+        if isinstance(param, nn.Parameter) and name not in mine:
+            mine[name] = param
+            module._parameters[name] = local_fn(name, param)
 
 
-def take_back_params(module: nn.Module) -> dict[str, nn.Parameter] | None:
-    """Put the lent parameters back; returns them, or None if nothing was lent."""
-    lent = module.__dict__.pop(_LENT, None)
+def take_back_params(module: nn.Module, *, lender: Hashable = STYLE) -> dict[str, nn.Parameter] | None:
+    """Put back the parameters ``lender`` lent; returns them, or None if it lent nothing."""
+    lending = module.__dict__.get(_LENT)
+    lent = lending.pop(lender, None) if lending is not None else None
+    if lending is not None and not lending:
+        del module.__dict__[_LENT]
     if lent is not None:
         module._parameters.update(lent)
     return lent
 
 
-def lend_during_forward(module: nn.Module, lend: Callable[[], None], holders: Sequence[nn.Module] = ()) -> None:
+def lend_during_forward(module: nn.Module, lend: Callable[[], None], holders: Sequence[nn.Module] = (), *,
+                        lender: Hashable = STYLE) -> None:
     """Call ``lend()`` (which lends parameters with ``lend_local_params``) before each forward of
-    ``module``, and give back the lent parameters of ``module`` and ``holders`` after it, even
+    ``module``, and give back what ``lender`` lent of ``module`` and ``holders`` after it, even
     when the forward raises."""
 
     def take_back(mod, args, output):
         for holder in (module, *holders):
-            take_back_params(holder)
+            take_back_params(holder, lender=lender)
 
     module.register_forward_pre_hook(lambda mod, args: lend())
     module.register_forward_hook(take_back, always_call=True)
@@ -47,4 +61,3 @@ def lend_during_forward(module: nn.Module, lend: Callable[[], None], holders: Se
 
 def local_of(param: torch.Tensor) -> torch.Tensor:
     return param.to_local() if isinstance(param, DTensor) else param
-

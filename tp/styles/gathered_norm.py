@@ -17,7 +17,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from ..sharding.collectives import f
-from ..sharding.lending import lend_local_params, take_back_params
+from ..sharding.lending import lend_local_params, local_of, take_back_params
+from ..sharding.whole import replicated_parameter
 from .descriptor import Act, PlainStyle, Style
 
 
@@ -37,6 +38,8 @@ class GatheredNorm(PlainStyle):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         names = [n for n, _ in module.named_parameters(recurse=False)]
+        for name in names:
+            module.register_parameter(name, replicated_parameter(module._parameters[name], device_mesh))
         group, tp, rank = device_mesh.get_group(), device_mesh.size(), device_mesh.get_local_rank()
 
         def gather_one(x):
@@ -46,7 +49,7 @@ class GatheredNorm(PlainStyle):
 
         def gather(mod, args):
             width = args[0].shape[-1]
-            lend_local_params(mod, names, lambda name, p: f(p, group))
+            lend_local_params(mod, names, lambda name, p: f(local_of(p), group))
             # a gated norm's gate (Mamba-2's) is sharded like its input
             return tuple(gather_one(a) if isinstance(a, torch.Tensor) and a.shape[-1] == width else a for a in args)
 

@@ -34,7 +34,7 @@ from torch.distributed.tensor import (
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..errors import PlanError, SizeError
-from ..sharding.collectives import sum_replicated_grad, to_local
+from ..sharding.collectives import rows_of_whole, to_local
 from ..sharding.heads import Heads
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_local_params, local_of, take_back_params
@@ -177,9 +177,7 @@ class LayoutParallel(ParallelStyle):
 
         def local(name, param):
             out = self._local_param(name, param)
-            if name in replicated and out.requires_grad:
-                out = sum_replicated_grad(out, replicated[name])
-            return out
+            return rows_of_whole(out, replicated[name]) if name in replicated else out
 
         lend_local_params(module, ("weight", "bias"), local)
         return rebuild(x)

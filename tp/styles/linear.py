@@ -220,7 +220,7 @@ def _colwise_collectives(site: Site) -> tuple[int, int]:
     """With sequence parallelism a plain input is all-gathered; a plain input's gradient is
     all-reduced, and so is that of every parameter with rows replicated over ranks."""
     by_layout = _by_layout(build_colwise)(site) or {}
-    replicated = sum(bool(layout.replicated_rows(site.tp, 0)) for layout, _ in by_layout.values())
+    replicated = sum(layout.repeats_rows(site.tp) for layout, _ in by_layout.values())
     return int(site.sequence_parallel and site.plain_input), int(site.plain_input) + replicated
 
 

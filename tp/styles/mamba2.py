@@ -18,10 +18,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import parallelize_module
 
 from ..errors import SizeError
-from ..sharding.collectives import sum_replicated_grad
+from ..sharding.collectives import rows_of_whole
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_during_forward, lend_local_params, local_of
-from ..sharding.tags import LocalShard, place_parameter
+from ..sharding.tags import LocalShard, layout_of, place_parameter
 from .descriptor import Act, PlainStyle, Site, Style
 from .gathered_norm import GatheredNorm
 from .layout import ColwiseLayout
@@ -118,10 +118,9 @@ class Mamba2Mixer(PlainStyle):
         for name, shard in conv.items():
             place_parameter(module.conv1d, name, shard.layout, 0, device_mesh)
 
-        def conv_rows(name, param):  # B and C rows held by several ranks sum their gradients
+        def conv_rows(name, param):  # B and C rows held by several ranks: kept whole, rows taken per rank
             local = local_of(param)
-            replicated = conv[name].layout.replicated_rows(tp, device_mesh.get_local_rank())
-            return sum_replicated_grad(local, conv[name]) if replicated and local.requires_grad else local
+            return rows_of_whole(local, conv[name]) if conv[name].layout.repeats_rows(tp) else local
 
         # the mixer reads conv1d's weight directly, without calling conv1d
         lend_during_forward(module, lambda: lend_local_params(module.conv1d, tuple(conv), conv_rows), [module.conv1d])
@@ -133,7 +132,8 @@ class Mamba2Mixer(PlainStyle):
         for attr in ("num_heads", "intermediate_size"):
             setattr(module, attr, getattr(module, attr) // tp)
         module.n_groups = max(module.n_groups // tp, 1)
-        channels = local_of(module.conv1d.weight).shape[0]
+        shard = layout_of(module.conv1d.weight)
+        channels = len(shard.layout.rows(tp, shard.mesh.get_local_rank())) if shard else module.conv1d.out_channels
         module.conv_dim = module.conv1d.in_channels = module.conv1d.out_channels = module.conv1d.groups = channels
 
 

@@ -4,7 +4,8 @@ A per-head norm's weight (Qwen3's q_norm), a learnable activation scalar (Apertu
 ``alpha_p``) or a mixing scalar (DiffLlama's ``lambda_q1``) is the same on every rank, but
 each rank applies it only to its own heads or features, so each rank's gradient is a part
 of the whole. Megatron's answer is an identity in the forward whose backward all-reduces;
-here the module's own forward is lent that identity's output in place of the parameter.
+here the parameter is a replicated DTensor, and the module's own forward is lent that identity's
+output on its local tensor in place of the parameter.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..sharding.collectives import f
-from ..sharding.lending import lend_during_forward, lend_local_params
+from ..sharding.lending import lend_during_forward, lend_local_params, local_of
+from ..sharding.whole import replicated_parameter
 from .descriptor import Act, Args, Site, Style
 
 
@@ -40,9 +42,11 @@ class SumGrads(ParallelStyle):
         if missing:
             raise NotImplementedError(f"sum_grads: {type(module).__name__} has no parameter {', '.join(missing)}; "
                                       f"its own parameters are {', '.join(own) or 'none'}")
+        for name in names:
+            module.register_parameter(name, replicated_parameter(module._parameters[name], device_mesh))
         group = device_mesh.get_group()
         lend_during_forward(module, lambda: lend_local_params(
-            module, names, lambda name, p: f(p, group)))
+            module, names, lambda name, p: f(local_of(p), group)))
         return module
 
     def __repr__(self) -> str:

@@ -1,8 +1,10 @@
 """Train a sharded model beside the unsharded one and compare them step by step.
 
 Every rank builds the same model, keeps an unsharded copy, shards the other with ``tp.apply``
-and runs the same AdamW steps on the same batches on both. ``compare_training`` returns the
-loss of every step for both, and the largest difference between the trained parameters.
+and runs the same training loop on the same batches on both, as a user writes it: torch's AdamW
+(foreach by default, or fused) and, if asked, ``torch.nn.utils.clip_grad_norm_`` over all
+parameters. ``compare_training`` returns the loss and gradient norm of every step for both, and
+the largest difference between the trained parameters.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class TrainingSpec:
     seed: int = 0
     apply_kwargs: tuple = ()
     config_overrides: tuple = ()
+    optimizer: tuple = (("foreach", True),)  # AdamW's keyword arguments besides lr and eps
+    clip: float | None = None  # clip_grad_norm_'s max_norm; None: no clipping
 
 
 def causal_lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
@@ -52,17 +56,19 @@ def compare_training(spec: TrainingSpec) -> dict:
     reference = build(family_config(spec.family, **dict(spec.config_overrides)), seed=spec.seed).train()
     model = copy.deepcopy(reference)
     apply(model, init_device_mesh("cpu", (dist.get_world_size(),)), **dict(spec.apply_kwargs))
-    # foreach=False: the parameters mix DTensors and plain tensors, which one foreach call cannot take
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=spec.lr, eps=spec.eps, foreach=False)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=spec.lr, eps=spec.eps, **dict(spec.optimizer))
                   for m in (reference, model)]
 
     gen = torch.Generator().manual_seed(spec.seed + 1)
     vocab = reference.get_input_embeddings().num_embeddings
     losses = {"reference": [], "sharded": []}
+    norms = {"reference": [], "sharded": []}
     for _ in range(spec.steps):
         ids = torch.randint(3, vocab, (spec.batch, spec.seq), generator=gen)
         for name, m, opt in (("reference", reference, optimizers[0]), ("sharded", model, optimizers[1])):
             loss = causal_lm_loss(m, ids)
+            if spec.clip is not None:
+                norms[name].append(full_tensor(torch.nn.utils.clip_grad_norm_(m.parameters(), spec.clip)).item())
             opt.step()
             opt.zero_grad()
             losses[name].append(full_tensor(loss).item())
@@ -70,4 +76,4 @@ def compare_training(spec: TrainingSpec) -> dict:
     gaps = {name: (full_tensor(p.detach(), like=p) - trained[name].detach()).abs().max().item()
             for name, p in model.named_parameters()}
     worst = max(gaps, key=gaps.get)
-    return {"losses": losses, "worst_param": worst, "worst_param_gap": gaps[worst]}
+    return {"losses": losses, "norms": norms, "worst_param": worst, "worst_param_gap": gaps[worst]}
