@@ -1,8 +1,10 @@
-"""The census (tp/testing/census.py) on a few model types, one of each kind of outcome, the command's
-output, and the committed docs/coverage.md against the installed transformers. The full census is
+"""The census (tp/testing/census.py) on a few model types, one of each kind of outcome, the plan of
+their published-size models on the meta device, the flag sweep, the command's output, and the
+committed docs/coverage.md against the installed transformers. The full census is
 `python -m tp census --write-docs`."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,12 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 import tp
 import tp.testing.census
 from tp.cli import main
-from tp.testing.census import Row, census_row, render
+from tp.testing.census import FamilySweep, Row, census_row, published_plan, render
+from tp.testing.flag_sweep import Case, run_case
 
 COVERAGE = Path(__file__).resolve().parents[1] / "docs" / "coverage.md"
+TYPES_TABLE = "| model type |"
+FLAGS_TABLE = "| family |"
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +32,7 @@ def test_registry_family(rows):
     row = rows["llama"]
     assert (row.source, row.results[2], row.per_layer) == ("registry (llama)", "verified", "2 / 2")
     assert row.logits <= 1e-5 and row.grad <= 1e-4
+    assert row.published == {2: "plans", 4: "plans", 8: "plans"}  # Llama-2-7B's sizes, on the meta device
 
 
 def test_inferred_plan_with_gradient_sums(rows):
@@ -50,20 +56,103 @@ def test_refusal_gives_the_reason(rows):
 
 def test_render_counts_outcomes(rows):
     text = render(list(rows.values()), "x", 60)
-    assert "verified correct at TP=2, forward and backward: **3 of 4 (75%)**" in text
+    assert "verified correct at tiny default sizes at TP=2, forward and backward: **3 of 4 (75%)**" in text
     assert "refused with a reason: 1; wrong results: 0; errors: 0" in text
+    assert "| llama | registry (llama) | full | verified |  | TP 2, 4, 8 |" in text  # TP=4 not run here
+    published = {t: row.published_status for t, row in rows.items()}
+    planned = sum(status in ("plans", "partial") for status in published.values())
+    assert f"planned at published size on the meta device at TP=2: **{planned} of 4**" in text, published
+
+
+# The published-size plan: the default config of the type, on the meta device. Each of these
+# planned at tiny size but not at real size before its cause was fixed or named.
+
+
+def test_a_text_model_no_auto_class_builds_alone_is_traced_on_a_twin_of_its_own_class():
+    # Emu3's causal LM takes the text config of its composite (emu3_text_model), which
+    # AutoModelForCausalLM does not take: its twin is a tiny Emu3ForCausalLM built from that class
+    assert published_plan("emu3") == {2: "plans", 4: "plans", 8: "plans"}
+
+
+def test_a_part_the_published_config_switches_off_is_off_in_the_twin():
+    # GraniteMoeShared's default has no shared MLP (shared_intermediate_size=0); a twin with one has
+    # another block structure, and nothing of the model would be planned
+    assert published_plan("granitemoeshared", (2,)) == {2: "plans"}
+
+
+def test_a_block_the_twin_cannot_have_is_refused_with_the_reason():
+    # BigBird's default block-sparse attention falls back to full attention on short inputs, so a
+    # traced twin never holds a block-sparse block
+    found = published_plan("big_bird", (2,))[2]
+    assert found.startswith("refused: BigBirdForCausalLM: no family in the registry recognises it"), found
+    assert "here attention.self BigBirdBlockSparseAttention; in the twin attention.self BigBirdSelfAttention" in found
+
+
+def test_a_default_config_transformers_cannot_build_is_named():
+    assert published_plan("dbrx", (2,)) == {
+        2: "does not build: AttributeError: 'DbrxAttentionConfig' object has no attribute 'rope_theta'"}
+
+
+# The flag sweep: registered families with each option that changes their forward turned on
+
+
+def test_a_flag_sweep_case_shards_exactly(pool2):
+    # OLMo's clip_qkv clamps q, k and v in place, on the outputs of column-parallel linears
+    assert run_case("olmo", "clip_qkv", 0.5, pool2) == Case("clip_qkv", 0.5, "verified")
+
+
+def test_render_tells_the_flag_sweep_apart_from_the_tiny_defaults(rows):
+    sweep = FamilySweep("llama", ["llama"], {
+        2: [Case("attention_bias", True, "verified"), Case("mlp_bias", True, "verified"),
+            Case("pretraining_tp", 2, "skipped", "the unsharded model does not run: ValueError: x")],
+        4: [Case("attention_bias", True, "verified"), Case("mlp_bias", True, "refused", "SizeError: y"),
+            Case("pretraining_tp", 2, "skipped", "the unsharded model does not run: ValueError: x")]})
+    text = render(list(rows.values()), "x", 60, [sweep])
+    assert ("- verified with the published configs' flags: 1 registered families, 3 options: **1 verified** at TP=2 "
+            "and 4, 1 refused with a reason, 1 skipped") in text
+    assert ("| llama | llama | attention_bias=True | mlp_bias=True | pretraining_tp=2 |  | mlp_bias=True: TP=4: "
+            "SizeError: y; pretraining_tp=2: the unsharded model does not run: ValueError: x |") in text
+    assert text.index("## Every type: at tiny default sizes") < text.index(TYPES_TABLE) < \
+        text.index("## Registered families with the published configs' flags") < text.index(FLAGS_TABLE)
+
+
+def _table(header: str) -> list[list[str]]:
+    """The cells of each row of the committed table that starts with ``header``."""
+    lines = COVERAGE.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header)) + 2
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("| "):
+            break
+        rows.append([cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])])  # "\|" is in a cell
+    return rows
 
 
 def test_committed_coverage_lists_every_installed_type():
-    listed = {line.split("|")[1].strip() for line in COVERAGE.read_text().splitlines()[1:]
-              if line.startswith("| ") and not line.startswith("| model type")}
+    listed = {cells[0] for cells in _table(TYPES_TABLE)}
     assert listed == set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), "rerun `python -m tp census`"
 
 
 def test_committed_coverage_has_no_wrong_result():
     text = COVERAGE.read_text()
     assert "wrong results: 0;" in text
-    assert not [line for line in text.splitlines() if "| wrong |" in line]
+    assert not [cells for cells in _table(TYPES_TABLE) if "wrong" in cells[3:5]]
+
+
+def test_committed_coverage_plans_every_type_at_published_size_or_says_why():
+    """A type that works at tiny size plans at published size, or is refused with the reason
+    (never an error); the flag sweep has no wrong result."""
+    text = COVERAGE.read_text()
+    assert re.search(r"^- planned at published size on the meta device at TP=2: .*; errors: 0$", text, re.M)
+    for cells in _table(TYPES_TABLE):
+        tiny, published, notes = cells[3], cells[5], cells[-1]
+        assert published.startswith("TP ") or published in ("refused", "does not build"), cells
+        if not published.startswith("TP 2"):
+            assert "published size: " in notes, cells  # the reason
+        if tiny in ("verified", "partial") and published == "does not build":
+            assert "published size: " in notes, cells
+    sweeps = _table(FLAGS_TABLE)
+    assert sweeps and all(cells[5] == "" for cells in sweeps), "a flag of a registered family gives a wrong result"
 
 
 def test_refused_model_raises_plan_error_in_apply(pool2):
@@ -126,13 +215,20 @@ def test_census_json_holds_the_rows_and_the_counts(census):
     data = json.loads(out)
     assert code == 0 and data["summary"] == {"model_types": 1, "build": 0, "verified": 0, "partial": 0,
                                              "refused": 0, "wrong": 0, "error": 0}
-    assert data["rows"][0]["model_type"] == "gemma3n" and data["rows"][0]["status"] == "does not build"
+    assert data["published_summary"] == {"model_types": 1, "plans": 0, "partial": 0, "refused": 0,
+                                         "does not build": 1, "error": 0, "every_size": 0}
+    assert data["flag_summary"] == {"families": 0, "options": 0, "verified": 0, "refused": 0, "skipped": 0,
+                                    "wrong": 0} and data["flag_sweeps"] == []
+    row = data["rows"][0]
+    assert row["model_type"] == "gemma3n" and row["status"] == "does not build"
+    assert row["published_status"] == "does not build" and "PIL" in row["published"]["2"]
     assert data["failed"] == [] and data["written_to"] is None
 
 
 def test_census_exits_1_when_a_row_is_wrong(census, monkeypatch):
     wrong = Row("llama", source="registry (llama)", results={2: "verified", 4: "wrong"})
     monkeypatch.setattr(tp.testing.census, "census_row", lambda model_type, pools: wrong)
+    monkeypatch.setattr(tp.testing.census, "swept_families", lambda rows: {})
     code, out, err = census("--types", "llama")
     assert code == 1 and "| llama | registry (llama) |  | verified | wrong |" in out
     assert err.rstrip().endswith("wrong or an error: llama")
@@ -150,3 +246,8 @@ def test_census_refuses_bad_arguments_before_it_starts(capsys, monkeypatch, tmp_
     out, err = capsys.readouterr()
     assert out == "" and err.startswith(expected) and len(err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_at_published_size_fails_the_census():
+    assert Row("x", results={2: "verified"}, published={2: "error: KeyError: 'y'"}).failed
+    assert not Row("x", results={2: "verified"}, published={2: "refused: why", 4: "plans"}).failed
