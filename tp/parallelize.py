@@ -51,7 +51,8 @@ def apply(model: nn.Module, mesh: DeviceMesh, *, trial: bool = True, **options: 
             dataflow keeps only its units that pass. A passed family trial is remembered on disk
             (``$TP_TRIAL_CACHE``). Every rank must call ``apply`` with the same model.
         options: ``family``, ``allreduce``, ``keep``, ``config``, ``registry``, ``strict``,
-            ``loss_parallel``, ``sequence_parallel`` (``tp.resolution.PlanOptions`` says what each does).
+            ``loss_parallel``, ``sequence_parallel``, ``fix_overrides`` (``tp.resolution.PlanOptions``
+            says what each does).
             With sequence parallelism the model's hidden states between blocks are
             sequence-sharded DTensors.
 
