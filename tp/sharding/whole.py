@@ -19,16 +19,9 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate
 
 from .lending import lend_local_params, local_of, take_back_params
-from .tags import is_sharded
-
-
-def replicated_parameter(param: nn.Parameter, mesh: DeviceMesh) -> nn.Parameter:
-    """``param``, whole on every rank, as a replicated DTensor parameter on ``mesh``."""
-    return nn.Parameter(DTensor.from_local(param.detach(), mesh, [Replicate()], run_check=False),
-                        requires_grad=param.requires_grad)
+from .tags import is_sharded, replicated_parameter
 
 
 def replicate_whole_parameters(model: nn.Module, mesh: DeviceMesh, blocks: list[str] = ()) -> list[str]:

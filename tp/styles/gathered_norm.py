@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from ..sharding.collectives import f
 from ..sharding.lending import lend_local_params, local_of, take_back_params
-from ..sharding.whole import replicated_parameter
+from ..sharding.tags import replicated_parameter
 from .descriptor import Act, PlainStyle, Style
 
 

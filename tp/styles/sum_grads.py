@@ -16,7 +16,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..sharding.collectives import f
 from ..sharding.lending import lend_during_forward, lend_local_params, local_of
-from ..sharding.whole import replicated_parameter
+from ..sharding.tags import replicated_parameter
 from .descriptor import Act, Args, Site, Style
 
 
