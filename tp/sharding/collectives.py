@@ -2,8 +2,9 @@
 
 ``f`` is the identity in the forward and an all-reduce of the gradient in the backward: it
 marks where a tensor that every rank holds whole starts to be used on sharded data (a
-per-head norm's weight, rows replicated over ranks). ``g``, the all-reduce in the forward, is
-DTensor's own ``Partial -> Replicate`` redistribution in the row-parallel styles.
+column-parallel linear's input, a per-head norm's weight, rows replicated over ranks). ``g`` is
+its mirror: an all-reduce of partial sums in the forward (a row-parallel linear's output), the
+identity in the backward.
 """
 
 from __future__ import annotations
@@ -39,6 +40,26 @@ class _ReduceGradInBackward(torch.autograd.Function):
 def f(x: torch.Tensor, group) -> torch.Tensor:
     """Megatron's ``f``: ``x`` unchanged; its gradient all-reduced over ``group`` in the backward."""
     return _ReduceGradInBackward.apply(x, partial(dist.all_reduce, group=group))
+
+
+class _AllReduceInForward(torch.autograd.Function):
+    """``x`` summed over ``group`` in the forward; the gradient passed on unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group):
+        total = x.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def g(x: torch.Tensor, group) -> torch.Tensor:
+    """Megatron's ``g``: the partial sums ``x`` of every rank all-reduced over ``group``; in the
+    backward the gradient, the same on every rank, passes unchanged."""
+    return _AllReduceInForward.apply(x, group)
 
 
 def rows_of_whole(whole: torch.Tensor, shard) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torch.distributed.tensor.parallel import (
 
 from ..sharding.collectives import f, to_local
 from .descriptor import Act, Args, LayoutMap, Site, Style
+from .local_linear import LocalColwise, LocalRowwise
 from .layout import (
     CONVOLUTIONS,
     UNITS,
@@ -138,7 +139,7 @@ def build_colwise(site: Site) -> ParallelStyle:
     args = site.args
     if _needs_layout(site.module, args.parts, args.unit):
         return ColwiseLayout(parts=args.parts, unit=args.unit, heads=site.heads)
-    return OwnedColwiseParallel()
+    return LocalColwise() if isinstance(site.module, nn.Linear) else OwnedColwiseParallel()
 
 
 def build_rowwise(site: Site) -> ParallelStyle:
@@ -149,6 +150,8 @@ def build_rowwise(site: Site) -> ParallelStyle:
                              use_local_output=args.local_output)
     if _sequence(args):
         return RowwiseParallel(output_layouts=Shard(args.sequence_dim), use_local_output=False)
+    if args.local_output and isinstance(site.module, nn.Linear):
+        return LocalRowwise()
     return OwnedRowwiseParallel(use_local_output=args.local_output)
 
 

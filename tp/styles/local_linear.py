@@ -1,0 +1,113 @@
+"""Column- and row-parallel linears that compute on plain local tensors.
+
+Their weights are ``Shard`` DTensors, as with torch's ``ColwiseParallel`` / ``RowwiseParallel``,
+so optimizers, clipping and checkpoints see the same parameters. But each forward is lent the
+local shards (``tp.sharding.lending``) and runs ``F.linear`` on plain tensors, with Megatron's
+``f`` on a column-parallel input and ``g`` on a row-parallel output as the only collectives: no
+DTensor dispatch per call, no copy of the output, which the model may change in place (OLMo
+clamps q, k and v; Falcon adds to its MLP output). Decoding runs a handful of tokens per call, so
+this per-call cost is what it pays most.
+
+Under sequence parallelism and with vocab-parallel logits the styles stay torch's: the residual
+stream between blocks is a sequence-sharded DTensor there, whose global shape the model reads.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor.parallel import ParallelStyle
+
+from ..sharding.collectives import f, g
+from ..sharding.layouts import Layout, Part
+from ..sharding.lending import lend_local_params, local_of, take_back_params
+from ..sharding.tags import place_parameter, replicated_parameter
+
+
+def _first_input(args, kwargs):
+    if args:
+        return args[0], lambda y: ((y, *args[1:]), kwargs)
+    key = next(iter(kwargs))
+    return kwargs[key], lambda y: (args, {**kwargs, key: y})
+
+
+def _place_rows(module: nn.Module, name: str, dim: int, mesh: DeviceMesh) -> None:
+    param = getattr(module, name)
+    place_parameter(module, name, Layout((Part(param.shape[dim], 1),)), dim, mesh)
+
+
+class LocalColwise(ParallelStyle):
+    """A column-parallel ``nn.Linear`` on local tensors: output features sharded.
+
+    Its input is replicated: a plain tensor gets ``f`` (its gradient all-reduced in the backward);
+    a replicated DTensor (a shared block input, ``block_input``) is read locally with its gradient
+    marked partial, so that the block input sums the gradients of all its linears once.
+
+    Example::
+        >>> parallelize_module(model, mesh, {"layers.0.mlp.up_proj": LocalColwise()})
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for name in ("weight", "bias"):
+            if getattr(module, name, None) is not None:
+                _place_rows(module, name, 0, device_mesh)
+        module.register_forward_pre_hook(partial(self._lend, device_mesh.get_group()), with_kwargs=True)
+        module.register_forward_hook(lambda mod, args, out: take_back_params(mod) and None, always_call=True)
+        return module
+
+    @staticmethod
+    def _lend(group, module, args, kwargs):
+        x, rebuild = _first_input(args, kwargs)
+        if isinstance(x, DTensor):
+            if tuple(x.placements) != (Replicate(),):
+                x = x.redistribute(x.device_mesh, [Replicate()])
+            x = x.to_local(grad_placements=[Partial()])
+        elif x.requires_grad:
+            x = f(x, group)
+        lend_local_params(module, ("weight", "bias"), lambda name, param: local_of(param))
+        return rebuild(x)
+
+    def __repr__(self) -> str:
+        return "LocalColwise()"
+
+
+class LocalRowwise(ParallelStyle):
+    """A row-parallel ``nn.Linear`` on local tensors: input features sharded, partial outputs
+    all-reduced (``g``) and the bias (a replicated DTensor) added once after.
+
+    Example::
+        >>> parallelize_module(model, mesh, {"layers.0.mlp.down_proj": LocalRowwise()})
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        _place_rows(module, "weight", 1, device_mesh)
+        if module.bias is not None:
+            module.register_parameter("bias", replicated_parameter(module.bias, device_mesh))
+        module.register_forward_pre_hook(self._lend, with_kwargs=True)
+        module.register_forward_hook(partial(self._reduce, device_mesh.get_group()), always_call=True)
+        return module
+
+    @staticmethod
+    def _lend(module, args, kwargs):
+        x, rebuild = _first_input(args, kwargs)
+        if isinstance(x, DTensor):
+            if tuple(x.placements) != (Shard(x.dim() - 1),):
+                x = x.redistribute(x.device_mesh, [Shard(x.dim() - 1)])
+            x = x.to_local()
+        # the bias is added once, after the sum: F.linear runs without it
+        lend_local_params(module, ("weight", "bias"), lambda name, param: local_of(param) if name == "weight" else None)
+        return rebuild(x)
+
+    @staticmethod
+    def _reduce(group, module, args, output):
+        lent = take_back_params(module)
+        if lent is None or output is None:  # forward raised: its error propagates
+            return None
+        total = g(output, group)
+        return total + local_of(lent["bias"]) if "bias" in lent else total
+
+    def __repr__(self) -> str:
+        return "LocalRowwise()"
