@@ -2,7 +2,11 @@
 
 Per layer the forward costs 2 all-gathers (each block input, once) and 2 reduce-scatters (each
 row-parallel output), the backward their mirror; the residual stream between blocks holds 1/N
-of the unsharded bytes on each rank. Same tolerances as test_families.py.
+of the unsharded bytes on each rank. A MoE block counts as one block input: its router and
+experts read the sequence gathered once, and the experts' partial output is reduce-scattered.
+Encoder-decoder families shard both stacks (a decoder layer: 3 all-gathers and 3 reduce-scatters,
+self-attention, cross-attention and MLP), and the encoder output is gathered once for the whole
+decoder. Same tolerances as test_families.py.
 """
 
 
@@ -14,7 +18,8 @@ from tests.test_families import EXTRA_BACKWARD, FAMILIES
 
 # Yuan's sharded localized filtering all-reduces conv2's output inside attention (registry.toml).
 INNER_ALL_REDUCES = {"yuan": 1}
-REFUSED = {"opt": "flattens batch and sequence", "mixtral": "packed experts", "mamba": "whole sequence", "jamba": "whole sequence", "mamba2": "whole sequence", "bamba": "whole sequence", "zamba2": "whole sequence"}
+REFUSED = {"opt": "flattens batch and sequence", "mamba": "whole sequence", "jamba": "whole sequence", "mamba2": "whole sequence", "bamba": "whole sequence", "zamba2": "whole sequence"}
+ENCODER_LAYERS = DECODER_LAYERS = 2  # the tiny models of registry.toml
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in REFUSED])
@@ -36,6 +41,114 @@ def test_llama_collectives_and_activation_bytes(pool2, pool4):
     assert result.backward_collectives == {"all_gather": 2 * blocks + 1, "reduce_scatter": 2 * blocks + 1}
     quarter = tp.verify("llama", tp=4, pool=pool4, sequence_parallel=True)
     assert quarter.ok and quarter.activation_bytes_per_rank * 4 == quarter.activation_bytes_unsharded
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_mixtral_experts_read_the_sequence_gathered_once(size, pool2, pool4):
+    """The MoE block's input is all-gathered once for the router and the experts, and the experts'
+    partial output reduce-scattered: the dense layer's 2 + 2 per layer. The backward mirrors it,
+    plus the routing weights' gradient (one all-reduce per MoE layer, as without SP)."""
+    result = tp.verify("mixtral", tp=size, pool={2: pool2, 4: pool4}[size], sequence_parallel=True)
+    assert result.ok, result.table()
+    blocks = result.blocks
+    assert result.forward_collectives == {"all_gather": 2 * blocks + 2, "reduce_scatter": 2 * blocks + 1}
+    assert result.backward_collectives == {"all_gather": 2 * blocks + 1, "reduce_scatter": 2 * blocks + 1,
+                                           "all_reduce": blocks}
+    assert result.activation_bytes_per_rank * size == result.activation_bytes_unsharded, result.table()
+
+
+def test_moe_plan_gathers_the_block_once():
+    plan = tp.resolve(tp.testing.models.tiny_model("mixtral"), 2, sequence_parallel=True)
+    styles = {path: str(d.style) for path, d in plan.decisions.items()}
+    assert styles["model.layers.0.mlp"] == "sequence_block(partial_output=True, sequence_dim=1)"
+    assert styles["model.layers.0.mlp.experts"] == "experts(sequence_dim=1)"
+    assert styles["model.layers.0.mlp.gate"] == "keep"
+    assert styles["model.layers.0.post_attention_layernorm"] == "sequence_parallel"
+    without = tp.resolve(tp.testing.models.tiny_model("mixtral"), 2)
+    assert "model.layers.0.mlp" not in without.decisions
+    assert str(without.decisions["model.layers.0.mlp.experts"].style) == "experts"
+
+
+@pytest.mark.slow  # the inferred plan is traced and tried first (about 100 s on 2 cores)
+def test_shared_expert_beside_the_experts(pool2):
+    """Qwen2-MoE (plan inferred) adds a sharded shared expert to the experts' output inside the MoE
+    block: both all-reduce their outputs and the block cuts the complete sum along the sequence."""
+    result = tp.verify("qwen2_moe", tp=2, pool=pool2, sequence_parallel=True)
+    assert result.ok, result.table()
+    assert result.first_block_forward == {"all_gather": 2, "reduce_scatter": 1, "all_reduce": 2}, result.table()
+    assert result.activation_bytes_per_rank * 2 == result.activation_bytes_unsharded, result.table()
+    assert "sequence_block(partial_output=False, sequence_dim=1)" in result.report
+
+
+def _encoder_decoder_counts(family):
+    """Forward and backward collectives of a tiny encoder-decoder under sequence parallelism.
+
+    Forward: 2 all-gathers and 2 reduce-scatters per encoder layer, 3 and 3 per decoder layer; one
+    all-gather of the encoder output for all cross-attentions; the lm_head's input and logits
+    gathered; each token embedding that runs reduce-scattered (BART scales its lookup inside the
+    embedding module, on the masked partial sums, so DTensor all-reduces it first and the sync
+    point only cuts it). Backward: the mirror, with the encoder output's gradient
+    reduce-scattered once; every module cut along the sequence (BART's learned positions and its
+    all-reduced embeddings, Whisper's conv2 and decoder positions; not Whisper's frozen encoder
+    positions) all-gathers its output gradient."""
+    layers_ag = 2 * ENCODER_LAYERS + 3 * DECODER_LAYERS
+    embeddings = {"t5": 2, "bart": 0, "whisper": 1}[family]
+    forward = {"all_gather": layers_ag + 3, "reduce_scatter": layers_ag + embeddings}
+    if family == "bart":
+        forward["all_reduce"] = 2
+    cut = {"t5": 0, "bart": 4, "whisper": 2}[family]
+    backward = {"all_gather": layers_ag + embeddings + cut, "reduce_scatter": layers_ag + 2}
+    return forward, backward
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "whisper"])
+def test_encoder_decoder_with_sequence_parallel(family, pool2):
+    result = tp.verify(family, tp=2, pool=pool2, sequence_parallel=True)
+    assert result.ok, result.table()
+    forward, backward = _encoder_decoder_counts(family)
+    assert (result.forward_collectives, result.backward_collectives) == (forward, backward), result.table()
+    # find_blocks sees the decoder layers: self-attention, cross-attention and MLP
+    assert result.first_block_forward == {"all_gather": 3, "reduce_scatter": 3}, result.table()
+    assert result.activation_bytes_per_rank * 2 == result.activation_bytes_unsharded, result.table()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["t5", "bart", "whisper"])
+def test_encoder_decoder_with_sequence_parallel_tp4(family, pool4):
+    result = tp.verify(family, tp=4, pool=pool4, sequence_parallel=True)
+    assert result.ok, result.table()
+    assert (result.forward_collectives, result.backward_collectives) == _encoder_decoder_counts(family)
+    assert result.activation_bytes_per_rank * 4 == result.activation_bytes_unsharded, result.table()
+
+
+def test_encoder_stack_is_sharded_too():
+    """Both stacks' norms run on sequence shards; the decoder's block input gathers the encoder
+    output once; BART's fc1, alone in its layer, gathers its own input."""
+    plan = tp.resolve(tp.testing.models.tiny_model("bart"), 2, sequence_parallel=True)
+    styles = {path: str(d.style) for path, d in plan.decisions.items()}
+    for stack in ("encoder", "decoder"):
+        assert styles[f"model.{stack}.layers.0.self_attn_layer_norm"] == "sequence_parallel"
+        assert styles[f"model.{stack}.layernorm_embedding"] == "sequence_parallel"
+        assert styles[f"model.{stack}.layers.0.fc1"] == "sequence_colwise"
+        assert styles[f"model.{stack}.layers.0.fc2"] == "rowwise(sequence_dim=1)"
+        assert styles[f"model.{stack}.embed_positions"] == "sequence_shard"
+    assert styles["model.decoder"] == "block_input(kwarg=encoder_hidden_states)"
+    t5 = tp.resolve(tp.testing.models.tiny_model("t5"), 2, sequence_parallel=True)
+    assert str(t5.decisions["encoder.block.0.layer.0.layer_norm"].style) == "sequence_parallel"
+    assert str(t5.decisions["decoder.final_layer_norm"].style) == "sequence_parallel"
+
+
+@pytest.mark.filterwarnings("ignore:family 'mine'")  # llama's MLP patterns match nothing in Mixtral
+def test_flattening_module_under_another_style_is_refused(mine_registry):
+    """Packed experts need their parent to gather the sequence; a parent styled otherwise is refused."""
+    path = mine_registry("""
+        "layers.*.mlp.gate" = "keep"
+        "layers.*.mlp.experts" = "experts"
+        "layers.*.mlp" = "keep"
+        """)
+    model = tp.testing.models.tiny_model("mixtral")
+    with pytest.raises(tp.PlanError, match="sees the tokens flattened"):
+        tp.resolve(model, 2, registry=path, family="mine", sequence_parallel=True)
 
 
 def test_without_sequence_parallel_activations_stay_whole(pool2):

@@ -107,6 +107,10 @@ class Style:
         takes_sequence_dim: under sequence parallelism the plan sets its ``sequence_dim``
             argument (its input or output is then sharded along the sequence).
         sequence_refused: why a plan that uses it cannot run sequence parallel, if it cannot.
+        flattens_sequence: its module sees the tokens flattened (batch x sequence, as packed
+            experts do), so under sequence parallelism its parent module runs on the gathered
+            sequence as one block (``sequence_block``: gathered once before, the output
+            reduce-scattered after) and, with ``sequence_dim`` set, it leaves partial sums.
         shares_input: its module's input is replicated once for the column-parallel linears
             inside, whose input gradients are then summed before one all-reduce.
         opens_block: given its arguments, whether the module holding it gets a shared block
@@ -126,6 +130,7 @@ class Style:
     collectives: Callable[[Site], tuple[int, int]] = _free
     takes_sequence_dim: bool = False
     sequence_refused: str | None = None
+    flattens_sequence: bool = False
     shares_input: bool = False
     opens_block: Callable[[Args], bool] = _never
 

@@ -6,6 +6,13 @@ transformers 5 stores all experts of a layer in two 3-D parameters: ``gate_up_pr
 each: its gate and up rows column-parallel, its down projection row-parallel. Every rank
 keeps every expert and the router's choices stay the same on every rank; each rank computes
 its slice of every chosen expert's intermediate features, and one all-reduce sums the outputs.
+
+Under sequence parallelism the experts see the tokens flattened (batch x sequence), so they
+cannot shard the sequence themselves: their block (the MoE module holding the router and the
+experts) gathers the sequence once before the router (``sequence_block``), and the experts
+leave their output as partial sums, which the block reduce-scatters along the sequence (where a
+sharded shared expert adds its own all-reduced output, the experts all-reduce theirs as without
+sequence parallelism, and the block cuts the sum).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate
@@ -22,7 +30,7 @@ from ..sharding.collectives import to_local
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_local_params, local_of, take_back_params
 from ..sharding.tags import place_parameter
-from .descriptor import Act, PlainStyle, Style
+from .descriptor import Act, Args, PlainStyle, Style
 
 # parameter -> (dimension holding the intermediate features, parts packed along it)
 EXPERT_PARAMS = {"gate_up_proj": (1, 2), "down_proj": (2, 1)}
@@ -52,6 +60,11 @@ def expert_layouts(module: nn.Module) -> dict[str, tuple[Layout, int]]:
     return found
 
 
+class ExpertsArgs(Args):
+    sequence_dim: int | None = Field(None, description="set by the plan under sequence parallelism: the "
+                                     "outputs leave as partial sums, for the block to reduce-scatter")
+
+
 class PackedExperts(PlainStyle):
     """Shard every expert of a packed experts module on its intermediate features.
 
@@ -59,13 +72,17 @@ class PackedExperts(PlainStyle):
     rows (a ``_StridedShard`` on dim 1, so the DTensor is the original tensor); ``down_proj``
     is sharded on dim 2. The module's own forward runs on the local shards: the routing
     weights and the hidden states come in replicated, the expert outputs leave partial and
-    are all-reduced. Their input gradients are partial on each rank: the hidden states'
+    are all-reduced (or, with ``partial_output``, left as a partial DTensor for the enclosing
+    block to reduce-scatter). Their input gradients are partial on each rank: the hidden states'
     gradient is summed where the input was replicated (or here, for a plain input), and the
     routing weights' gradient, which the router needs whole, is all-reduced here.
 
     Example::
         >>> parallelize_module(model, mesh, {"layers.*.mlp.experts": PackedExperts()})
     """
+
+    def __init__(self, *, partial_output: bool = False):
+        self.partial_output = partial_output
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         tp = device_mesh.size()
@@ -98,13 +115,24 @@ class PackedExperts(PlainStyle):
         if take_back_params(module) is None or output is None:
             return None
         total = DTensor.from_local(output, device_mesh, [Partial()], run_check=False)
+        if self.partial_output:
+            return total
         return to_local(total.redistribute(device_mesh, [Replicate()]))
 
+    def __repr__(self) -> str:
+        return f"PackedExperts(partial_output={self.partial_output})" if self.partial_output else "PackedExperts()"
 
-# The expert outputs' all-reduce; the routing weights' gradient, and a plain input's.
+
+def _partial_output(args: ExpertsArgs) -> bool:
+    return args.sequence_dim is not None
+
+
+# The expert outputs' all-reduce (under sequence parallelism, their block's reduce-scatter instead);
+# the routing weights' gradient, and a plain input's.
 EXPERTS = Style(
-    name="experts", build=lambda site: PackedExperts(),
+    name="experts", build=lambda site: PackedExperts(partial_output=_partial_output(site.args)), args=ExpertsArgs,
     doc="packed 3-D experts (gate_up_proj, down_proj): every expert sharded on its intermediate features",
-    reads=Act.REPLICATED, leaves=Act.REPLICATED, layouts=lambda site: expert_layouts(site.module),
-    collectives=lambda site: (1, 1 + int(site.plain_input)),
-    sequence_refused="packed experts see the tokens flattened, not along a sequence dimension")
+    reads=Act.REPLICATED, leaves=lambda args: Act.PARTIAL if _partial_output(args) else Act.REPLICATED,
+    layouts=lambda site: expert_layouts(site.module),
+    collectives=lambda site: (int(not _partial_output(site.args)), 1 + int(site.plain_input)),
+    takes_sequence_dim=True, flattens_sequence=True)
