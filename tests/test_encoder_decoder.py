@@ -129,12 +129,6 @@ def test_recognised_by_their_encoder_decoder_classes():
         assert type(decoder_only).__name__.endswith("ForCausalLM") and reg.family_of(decoder_only) is None
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_sequence_parallel_is_refused(family):
-    with pytest.raises(tp.errors.PlanError, match="cross-attention reads the whole encoder sequence"):
-        tp.resolve(_meta(family, encoder_decoder=True), 2, sequence_parallel=True)
-
-
 def test_t5_relative_attention_bias_is_sharded_by_heads():
     model = _meta("t5")
     report = tp.resolve(model, 4)
