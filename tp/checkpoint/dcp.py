@@ -208,13 +208,14 @@ def _check_stored_in_parts(directory: Path, stored: dict, layouts: dict[str, Loc
     """Refuse a checkpoint that holds a fused parameter whole (torch's ``get_state_dict`` saved by
     ``dcp.save`` directly): its rows are in the order of the TP size it was saved at, which the
     checkpoint does not record. Also name a missing optimizer state before DCP's generic error."""
-    for name in layouts:
-        if part_name(name, 0) not in stored and name in stored:
-            raise CheckpointError(
-                f"{directory}: {name} is stored whole, not part by part, as torch's get_state_dict gives it: "
-                "a fused parameter's rows may then be in the order of the TP size it was saved at, which the "
-                "checkpoint does not record, so tp.dcp will not guess it; save with tp.dcp.save(model, path, "
-                "optimizer=...) or dcp.save({...: tp.dcp.TrainingState(model, optimizer)})")
+    whole = [name for name in layouts if part_name(name, 0) not in stored and name in stored]
+    if whole:
+        raise CheckpointError(
+            f"{directory}: {len(whole)} parameters that tp.dcp stores part by part are stored whole, as torch's "
+            f"get_state_dict gives them ({', '.join(whole[:3])}{', ...' if len(whole) > 3 else ''}): a fused "
+            "parameter's rows may then be in the order of the TP size it was saved at, which the checkpoint does "
+            "not record, so tp.dcp will not guess it; save with tp.dcp.save(model, path, optimizer=...) or "
+            "dcp.save({...: tp.dcp.TrainingState(model, optimizer)})")
     if optimizer and not any(key.startswith(f"{OPTIMIZER}.") for key in stored):
         raise CheckpointError(f"{directory}: holds no optimizer state (saved by tp.dcp.save without optimizer=), "
                               "so the optimizer cannot resume from it; load the model alone")
