@@ -2,7 +2,7 @@
 on as if never interrupted.
 
 The uninterrupted run trains on a (dp, tp) = (2, 2) mesh (FSDP2 over tp.apply), saving after
-step 2. A model built with other weights on a (1, 4) mesh loads that checkpoint, trains 5 steps,
+its third step. A model built with other weights on a (1, 4) mesh loads that checkpoint, trains 5 steps,
 saves; one on a (4, 1) mesh loads that and trains 5 more. Every step's loss (the global batch's
 mean: each dp rank trains on its rows) matches the uninterrupted run's within 1e-6 relative, so
 the weights and the optimizer's moments came back in place (without the moments, phi3's second
@@ -141,7 +141,6 @@ def test_tp_resumes_at_another_tp_size_through_own_dcp_calls(pool2, pool4, tmp_p
 
 
 def _save_with_torch(path: str) -> None:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model = tiny_model("phi3")
