@@ -163,3 +163,24 @@ def test_a_checkpoint_of_fused_weights_in_rank_order_is_refused(pool2, pool4, tm
     pool2.run(_save_with_torch, path)
     for message in pool4.run(_load_with_tp, path):  # on every rank
         assert "are stored whole" in message and "tp.dcp.save(model, path" in message, message
+
+
+def _save_model_alone(path: str) -> None:
+    model = tiny_model("llama")
+    tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)), trial=False)
+    tp.dcp.save(model, path)
+
+
+def _load_with_optimizer(path: str) -> str:
+    model = tiny_model("llama")
+    tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)), trial=False)
+    with pytest.raises(tp.CheckpointError) as refused:
+        tp.dcp.load(model, path, optimizer=torch.optim.AdamW(model.parameters()))
+    return str(refused.value)
+
+
+def test_an_optimizer_cannot_resume_from_a_model_alone(pool2, tmp_path):
+    path = str(tmp_path / "model_alone")
+    pool2.run(_save_model_alone, path)
+    for message in pool2.run(_load_with_optimizer, path):
+        assert "holds no optimizer state" in message, message
