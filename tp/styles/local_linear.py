@@ -39,6 +39,11 @@ def _place_rows(module: nn.Module, name: str, dim: int, mesh: DeviceMesh) -> Non
     place_parameter(module, name, Layout((Part(param.shape[dim], 1),)), dim, mesh)
 
 
+def _group(mesh: DeviceMesh):
+    """The process group the collectives run on; None on one rank, where there is nothing to sum."""
+    return mesh.get_group() if mesh.size() > 1 else None
+
+
 class LocalColwise(ParallelStyle):
     """A column-parallel ``nn.Linear`` on local tensors: output features sharded.
 
@@ -54,7 +59,7 @@ class LocalColwise(ParallelStyle):
         for name in ("weight", "bias"):
             if getattr(module, name, None) is not None:
                 _place_rows(module, name, 0, device_mesh)
-        module.register_forward_pre_hook(partial(self._lend, device_mesh.get_group()), with_kwargs=True)
+        module.register_forward_pre_hook(partial(self._lend, _group(device_mesh)), with_kwargs=True)
         module.register_forward_hook(lambda mod, args, out: take_back_params(mod) and None, always_call=True)
         return module
 
@@ -65,7 +70,7 @@ class LocalColwise(ParallelStyle):
             if tuple(x.placements) != (Replicate(),):
                 x = x.redistribute(x.device_mesh, [Replicate()])
             x = x.to_local(grad_placements=[Partial()])
-        elif x.requires_grad:
+        elif x.requires_grad and group is not None:
             x = f(x, group)
         lend_local_params(module, ("weight", "bias"), lambda name, param: local_of(param))
         return rebuild(x)
@@ -87,7 +92,7 @@ class LocalRowwise(ParallelStyle):
         if module.bias is not None:
             module.register_parameter("bias", replicated_parameter(module.bias, device_mesh))
         module.register_forward_pre_hook(self._lend, with_kwargs=True)
-        module.register_forward_hook(partial(self._reduce, device_mesh.get_group()), always_call=True)
+        module.register_forward_hook(partial(self._reduce, _group(device_mesh)), always_call=True)
         return module
 
     @staticmethod
@@ -106,7 +111,7 @@ class LocalRowwise(ParallelStyle):
         lent = take_back_params(module)
         if lent is None or output is None:  # forward raised: its error propagates
             return None
-        total = g(output, group)
+        total = g(output, group) if group is not None else output
         return total + local_of(lent["bias"]) if "bias" in lent else total
 
     def __repr__(self) -> str:
