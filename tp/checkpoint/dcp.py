@@ -158,6 +158,18 @@ def dcp_errors(directory: Path):
                               f"{one_line(cause)}") from None
 
 
+def _stored_metadata(directory: Path) -> dict:
+    """The checkpoint's tensor metadata by name; a ``.metadata`` torch cannot read is a ``CheckpointError``."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        return dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - a corrupt file raises whatever unpickling raises
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise CheckpointError(f"{directory}: torch.distributed.checkpoint failed on rank {rank}: "
+                              f"{one_line(e)}") from None
+
+
 def save(model: nn.Module, checkpoint_id: str | os.PathLike, *, optimizer: Optimizer | Iterable[Optimizer] | None = None,
          timeout: float = ENTRY_TIMEOUT_S) -> None:
     """Save a sharded model, and ``optimizer``'s state if given, with torch.distributed.checkpoint,
@@ -193,9 +205,9 @@ def load(model: nn.Module, checkpoint_id: str | os.PathLike, *,
         if not (directory / ".metadata").is_file():
             raise CheckpointError(f"{directory}: no .metadata file, so not a torch.distributed.checkpoint "
                                   "checkpoint (tp.dcp.save writes one; for Hugging Face files use tp.from_pretrained)")
+        stored = _stored_metadata(directory)
+        _check_stored_in_parts(directory, stored, layouts_by_name(model), bool(training.optimizers))
         with dcp_errors(directory):
-            stored = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
-            _check_stored_in_parts(directory, stored, layouts_by_name(model), bool(training.optimizers))
             dcp.load(state, checkpoint_id=directory)
 
     agree(read, what=f"tp.dcp.load({checkpoint_id})")
