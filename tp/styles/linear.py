@@ -135,11 +135,18 @@ LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,) + ((Conv1D,) if Conv1D 
 LAYOUT_TYPES = (*LINEAR_TYPES, *CONVOLUTIONS)
 
 
+def _plain_linear(module: nn.Module | None) -> bool:
+    """An ``nn.Linear`` that computes ``F.linear`` and nothing else, which the local styles run on
+    its local shard. A subclass may use its weight as a whole (BitNet scales by the mean of all of
+    it), which only DTensor's operators get right on a shard."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
 def build_colwise(site: Site) -> ParallelStyle:
     args = site.args
     if _needs_layout(site.module, args.parts, args.unit):
         return ColwiseLayout(parts=args.parts, unit=args.unit, heads=site.heads)
-    return LocalColwise() if isinstance(site.module, nn.Linear) else OwnedColwiseParallel()
+    return LocalColwise() if _plain_linear(site.module) else OwnedColwiseParallel()
 
 
 def build_rowwise(site: Site) -> ParallelStyle:
@@ -150,7 +157,7 @@ def build_rowwise(site: Site) -> ParallelStyle:
                              use_local_output=args.local_output)
     if _sequence(args):
         return RowwiseParallel(output_layouts=Shard(args.sequence_dim), use_local_output=False)
-    if args.local_output and isinstance(site.module, nn.Linear):
+    if args.local_output and _plain_linear(site.module):
         return LocalRowwise()
     return OwnedRowwiseParallel(use_local_output=args.local_output)
 
