@@ -9,9 +9,9 @@ counted once in a gradient norm, and checkpoints and FSDP2 see one kind of param
 The model still computes on plain local tensors: for the duration of a forward, the parameter's
 local tensor is lent in its place (``tp.sharding.lending``), so there is no DTensor dispatch and
 no communication, and its gradient comes back as a replicated DTensor (every rank computed the
-same whole gradient). Models read parameters outside their owner's forward (LFM2's short
-convolution reads ``conv.weight``, DBRX's experts read their weights from the parent), so the
-lending covers a scope: the whole model, each repeated block (a layer recomputed under gradient
+same whole gradient). Some models read a parameter outside its owner's forward (LFM 3, DBRX and
+Gemma 4 failed with only the owners lending, tests/test_inference_cases.py), so the lending
+covers a scope: the whole model, each repeated block (a layer recomputed under gradient
 checkpointing runs outside the model's forward) and each owning module (called on its own).
 """
 
