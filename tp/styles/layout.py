@@ -112,6 +112,17 @@ def build_layout(size: int, *, parts, unit: str, heads: Heads | None, where: str
     return Layout(tuple(Part(units, size // total, name=f"part {i}", unit=word) for i in range(parts)))
 
 
+def first_input(style: str, module: nn.Module, args: tuple, kwargs: dict):
+    """A forward pre-hook's input (the first positional argument, else the first keyword one) and
+    a function that puts a replacement back in its place, as ``(args, kwargs)``."""
+    if args:
+        return args[0], lambda y: ((y, *args[1:]), kwargs)
+    if kwargs:
+        key = next(iter(kwargs))
+        return kwargs[key], lambda y: (args, {**kwargs, key: y})
+    raise TypeError(f"{style}: {type(module).__name__} was called without an input")
+
+
 class LayoutParallel(ParallelStyle):
     """What the column and row styles share: layouts, parameter placement, lending local shards.
 
@@ -165,13 +176,7 @@ class LayoutParallel(ParallelStyle):
         """Place the parameters no layout covers (the row style's bias)."""
 
     def _lend_local(self, device_mesh, module, args, kwargs):
-        if args:
-            x, rebuild = args[0], lambda y: ((y, *args[1:]), kwargs)
-        elif kwargs:
-            key = next(iter(kwargs))
-            x, rebuild = kwargs[key], lambda y: (args, {**kwargs, key: y})
-        else:
-            raise TypeError(f"{type(self).__name__}: {type(module).__name__} was called without an input")
+        x, rebuild = first_input(type(self).__name__, module, args, kwargs)
         x = self._local_input(module, x, device_mesh)
         replicated = replicated_rows(module)
 

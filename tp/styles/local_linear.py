@@ -25,13 +25,7 @@ from ..sharding.collectives import f, g
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_local_params, local_of, take_back_params
 from ..sharding.tags import place_parameter, replicated_parameter
-
-
-def _first_input(args, kwargs):
-    if args:
-        return args[0], lambda y: ((y, *args[1:]), kwargs)
-    key = next(iter(kwargs))
-    return kwargs[key], lambda y: (args, {**kwargs, key: y})
+from .layout import first_input
 
 
 def _place_rows(module: nn.Module, name: str, dim: int, mesh: DeviceMesh) -> None:
@@ -65,7 +59,7 @@ class LocalColwise(ParallelStyle):
 
     @staticmethod
     def _lend(group, module, args, kwargs):
-        x, rebuild = _first_input(args, kwargs)
+        x, rebuild = first_input("LocalColwise", module, args, kwargs)
         if isinstance(x, DTensor):
             if tuple(x.placements) != (Replicate(),):
                 x = x.redistribute(x.device_mesh, [Replicate()])
@@ -97,7 +91,7 @@ class LocalRowwise(ParallelStyle):
 
     @staticmethod
     def _lend(module, args, kwargs):
-        x, rebuild = _first_input(args, kwargs)
+        x, rebuild = first_input("LocalRowwise", module, args, kwargs)
         if isinstance(x, DTensor):
             if tuple(x.placements) != (Shard(x.dim() - 1),):
                 x = x.redistribute(x.device_mesh, [Shard(x.dim() - 1)])
