@@ -98,3 +98,35 @@ class _OwnedLocal(torch.autograd.Function):
 def to_local(x: torch.Tensor) -> torch.Tensor:
     """``x``'s local tensor, which the model may modify in place; a plain tensor is returned as is."""
     return _OwnedLocal.apply(x) if isinstance(x, DTensor) else x
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """Every rank's slice of the last dimension all-gathered into the whole (``size`` wide); in the
+    backward each rank keeps the gradient of its own slice, no collective."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, size: int, group):
+        ranks, rank = dist.get_world_size(group), dist.get_rank(group)
+        # DTensor's Shard splits as torch.chunk does: every rank `chunk` wide, the last ones narrower
+        # or empty. Padded to `chunk`, the slices laid end to end hold the whole in its first `size`.
+        chunk = -(-size // ranks)
+        ctx.start, ctx.width = min(rank * chunk, size), x.shape[-1]
+        padded = x.contiguous() if ctx.width == chunk else torch.nn.functional.pad(x, (0, chunk - ctx.width)).contiguous()
+        slices = [torch.empty_like(padded) for _ in range(ranks)]
+        dist.all_gather(slices, padded, group=group)
+        whole = torch.cat(slices, dim=-1)
+        # a narrowed view would be a view made inside an autograd Function, which the model could
+        # not change in place; a vocabulary that divides needs no narrowing and no copy
+        return whole if whole.shape[-1] == size else whole[..., :size].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[..., ctx.start:ctx.start + ctx.width].contiguous(), None, None
+
+
+def gather_last_dim(x: torch.Tensor, size: int, group) -> torch.Tensor:
+    """The whole of a tensor whose last dimension (``size`` in all) is split over ``group`` as
+    DTensor's ``Shard(-1)`` splits it, ``x`` being this rank's slice: a column-parallel lm_head's
+    logits gathered along the vocabulary (one all-gather). The gradient of the whole, the same on
+    every rank, is sliced back in the backward."""
+    return _GatherLastDim.apply(x, size, group)

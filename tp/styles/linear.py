@@ -1,9 +1,12 @@
 """The linear styles: column- and row-parallel (plain, or by a layout for fused weights and
 convolutions), the vocab-parallel embedding and the lm_head.
 
-Each is torch's own ``ColwiseParallel`` / ``RowwiseParallel`` where a contiguous shard is right,
-and ``ColwiseLayout`` / ``RowwiseLayout`` (tp/styles/layout.py) for fused, packed or replicated
-rows, GPT-2's ``Conv1D`` and ``nn.Conv1d``/``nn.Conv2d``.
+A plain ``nn.Linear`` or ``nn.Embedding`` computes on local tensors (``LocalColwise``,
+``LocalRowwise``, ``LocalLmHead``, ``LocalEmbedding``), unless the activations between blocks are
+sequence-sharded DTensors or the logits stay vocab-parallel. Otherwise each is torch's own
+``ColwiseParallel`` / ``RowwiseParallel`` where a contiguous shard is right, and ``ColwiseLayout``
+/ ``RowwiseLayout`` (tp/styles/layout.py) for fused, packed or replicated rows, GPT-2's
+``Conv1D`` and ``nn.Conv1d``/``nn.Conv2d``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from torch.distributed.tensor.parallel import (
 
 from ..sharding.collectives import f, to_local
 from .descriptor import Act, Args, LayoutMap, Site, Style
-from .local_linear import LocalColwise, LocalRowwise
+from .local_embedding import LocalEmbedding, is_plain_embedding
+from .local_linear import LocalColwise, LocalLmHead, LocalRowwise
 from .layout import (
     CONVOLUTIONS,
     UNITS,
@@ -195,6 +199,8 @@ def build_embedding(site: Site) -> ParallelStyle:
     if _sequence(site.args):
         return CheckedTokenIds(RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(site.args.sequence_dim),
                                                use_local_output=False))
+    if is_plain_embedding(site.module):
+        return CheckedTokenIds(LocalEmbedding())
     # CTRL scales the embedding's output in place
     return CheckedTokenIds(OwnedRowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
 
@@ -208,6 +214,8 @@ def build_lm_head(site: Site) -> ParallelStyle:
     inputs = Shard(args.sequence_dim) if _sequence(args) else Replicate()
     if args.loss_parallel:
         return ColwiseParallel(input_layouts=inputs, output_layouts=Shard(-1), use_local_output=False)
+    if not _sequence(args) and _plain_linear(site.module):
+        return LocalLmHead()
     return OwnedColwiseParallel(input_layouts=inputs, output_layouts=Replicate())
 
 

@@ -8,6 +8,8 @@ DTensor dispatch per call, no copy of the output, which the model may change in 
 clamps q, k and v; Falcon adds to its MLP output). Decoding runs a handful of tokens per call, so
 this per-call cost is what it pays most.
 
+The lm_head is a local column-parallel linear too, its logits all-gathered along the vocabulary.
+
 Under sequence parallelism and with vocab-parallel logits the styles stay torch's: the residual
 stream between blocks is a sequence-sharded DTensor there, whose global shape the model reads.
 """
@@ -18,10 +20,10 @@ from functools import partial
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from ..sharding.collectives import f, g
+from ..sharding.collectives import f, g, gather_last_dim
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_local_params, local_of, take_back_params
 from ..sharding.tags import place_parameter, replicated_parameter
@@ -31,6 +33,15 @@ from .layout import first_input
 def _place_rows(module: nn.Module, name: str, dim: int, mesh: DeviceMesh) -> None:
     param = getattr(module, name)
     place_parameter(module, name, Layout((Part(param.shape[dim], 1),)), dim, mesh)
+
+
+def shard_vocab_rows(module: nn.Module, name: str, mesh: DeviceMesh) -> None:
+    """Replace ``module.name`` by a ``Shard(0)`` DTensor, as torch's styles place a vocab-parallel
+    weight (uneven where the vocabulary does not divide), so that an embedding and an lm_head
+    sharing it are placed alike and stay tied."""
+    param = getattr(module, name)
+    module.register_parameter(name, nn.Parameter(distribute_tensor(param.detach(), mesh, [Shard(0)], src_data_rank=None),
+                                                 requires_grad=param.requires_grad))
 
 
 def _group(mesh: DeviceMesh):
@@ -110,3 +121,33 @@ class LocalRowwise(ParallelStyle):
 
     def __repr__(self) -> str:
         return "LocalRowwise()"
+
+
+class LocalLmHead(ParallelStyle):
+    """The lm_head as a local column-parallel ``nn.Linear`` (``LocalColwise``'s input handling):
+    vocabulary rows sharded, the logits all-gathered along the vocabulary (``gather_last_dim``), so
+    the model returns ordinary full logits. A vocabulary that does not divide is split as DTensor
+    splits it (32001 over 2 ranks: 16001 + 16000).
+
+    Example::
+        >>> parallelize_module(model, mesh, {"lm_head": LocalLmHead()})
+    """
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for name in ("weight", "bias"):
+            if getattr(module, name, None) is not None:
+                shard_vocab_rows(module, name, device_mesh)
+        group = _group(device_mesh)
+        module.register_forward_pre_hook(partial(LocalColwise._lend, group), with_kwargs=True)
+        module.register_forward_hook(partial(self._gather, group, module.out_features), always_call=True)
+        return module
+
+    @staticmethod
+    def _gather(group, vocab, module, args, output):
+        lent = take_back_params(module)
+        if lent is None or output is None:  # forward raised: its error propagates
+            return None
+        return gather_last_dim(output, vocab, group) if group is not None else output
+
+    def __repr__(self) -> str:
+        return "LocalLmHead()"
