@@ -99,8 +99,9 @@ def test_indivisible_heads_resolve_and_check():
     assert "tp=3" in message
     assert "model.layers.*.self_attn.k_proj" in message and "model.layers.*.self_attn.v_proj" in message
     assert "4 heads of 8 rows do not divide by tp=3 nor does tp divide by it" in message
-    # The TP sizes that would work are listed: 4 kv heads split over 1, 2, 4 ranks (the MLP needs powers of 2).
-    assert message.rstrip().endswith(": 1, 2, 4")
+    # The TP sizes that would work are listed: 4 kv heads split over 1, 2, 4 ranks or replicated over 12
+    # (the MLP's intermediate features split unevenly where they do not divide).
+    assert message.rstrip().endswith(": 1, 2, 4, 12")
     # One line per module pattern, not one per layer.
     assert message.count("k_proj") == 1
     # q_proj (12 heads) divides by 3 and is not blamed.
@@ -130,7 +131,8 @@ def test_indivisible_heads_apply_on_4_ranks(pool4):
         message = out["message"]
         assert "self_attn.k_proj" in message and "tp=4" in message
         assert "kv heads: 3 heads" in message
-        assert message.rstrip().endswith("TP sizes that divide every sharded size of this model: 1")
+        # 3 kv heads split over 3 ranks or replicated over 6 and 12 (the MLP's features split unevenly)
+        assert message.rstrip().endswith("TP sizes that divide every sharded size of this model: 1, 3, 6, 12")
         # Early: raised before anything was sharded.
         assert not out["sharded_after_error"] and out["unchanged"]
     assert len({out["message"] for out in results}) == 1

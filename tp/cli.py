@@ -178,11 +178,21 @@ def _plan(args) -> int:
     return 1 if problems else 0
 
 
-_PARAMETER = re.compile(r"([\w.]+) \[([\d, ]*)\] -> \[([\d, ]*)\]")
+# "weight [201, 64] -> [101, 64] (dim 0 per rank: 101, 100)": the note only where ranks differ
+_PARAMETER = re.compile(r"([\w.]+) \[([\d, ]*)\] -> \[([\d, ]*)\](?: \(dim (\d+) per rank: ([\dx, ]+)\))?")
 
 
 def _numbers(text: str) -> list[int]:
     return [int(n) for n in text.split(",") if n.strip()]
+
+
+def _runs(text: str) -> list[int]:
+    """``"51 x3, 49"`` -> ``[51, 51, 51, 49]``."""
+    sizes = []
+    for run in text.split(","):
+        size, _, count = run.strip().partition(" x")
+        sizes += [int(size)] * int(count or 1)
+    return sizes
 
 
 class PlanView:
@@ -197,9 +207,12 @@ class PlanView:
         self.groups = _group_blocks(report.rows, find_blocks(model))
 
     def parameters(self, row) -> list[dict]:
-        """The row's parameters, read back from its shapes column: global and per-rank shape."""
-        return [{"name": name, "shape": _numbers(whole), "per_rank": _numbers(local)}
-                for name, whole, local in _PARAMETER.findall(row.shapes)]
+        """The row's parameters, read back from its shapes column: global and per-rank shape (rank
+        0's, the largest), and where the ranks hold different sizes, each rank's size of the
+        sharded dimension (``uneven``: ``{dim, sizes}``, else null)."""
+        return [{"name": name, "shape": _numbers(whole), "per_rank": _numbers(local),
+                 "uneven": {"dim": int(dim), "sizes": _runs(sizes)} if dim else None}
+                for name, whole, local, dim, sizes in _PARAMETER.findall(row.shapes)]
 
     def parameter_bytes(self) -> tuple[int, int]:
         """(unsharded, per rank): every parameter once (tied ones too), at its per-rank shape."""

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..plan.resolved import Decision, ResolvedPlan
 from ..plan.structure import find_blocks
-from .sizes import layouts, local_shape, sharded_dims
+from .sizes import layouts, local_shape, sharded_dims, uneven_note
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,8 @@ def _shapes(module: nn.Module, decision: Decision | None, tp: int, by_layout: di
     for name, param in module.named_parameters(recurse=False):
         shape = tuple(param.shape)
         layout, dim = by_layout.get(name, (None, dims.get(name)))
-        parts.append(f"{name} {list(shape)} -> {list(local_shape(shape, dim, tp, layout))}")
+        parts.append(f"{name} {list(shape)} -> {list(local_shape(shape, dim, tp, layout))}"
+                     + uneven_note(shape, dim, tp, layout))
     return "; ".join(parts)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ from torch import nn
 from ..errors import PlanError, SizeError
 from ..patterns import matches
 from ..plan.resolved import Decision, ResolvedPlan
-from ..sharding.layouts import Layout
+from ..sharding.layouts import Layout, Part
 from ..styles.descriptor import LayoutMap
 
 
@@ -24,13 +25,29 @@ def sharded_dims(decision: Decision, module: nn.Module) -> dict[str, int]:
     return decision.style.style.sharded_dims(decision.style.site(module, heads=decision.heads))
 
 
-def local_shape(shape: tuple[int, ...], dim: int | None, tp: int, layout: Layout | None = None) -> tuple[int, ...]:
-    """The shape rank 0 stores (it holds the largest shard when the sizes are uneven). A layout that
-    gives some rows to several ranks is stored whole (tp/sharding/tags.py)."""
+def rank_sizes(shape: tuple[int, ...], dim: int | None, tp: int, layout: Layout | None = None) -> list[int] | None:
+    """The size of dimension ``dim`` on each rank, or None where every rank stores the whole
+    tensor (no dimension sharded, or a layout that gives some rows to several ranks, stored whole:
+    tp/sharding/tags.py). Uneven rows split as torch.chunk does: rank 0 holds the largest shard."""
     if dim is None or (layout is not None and layout.repeats_rows(tp)):
-        return tuple(shape)
-    size = len(layout.rows(tp, 0)) if layout is not None else -(-shape[dim] // tp)
-    return tuple(size if i == dim else s for i, s in enumerate(shape))
+        return None
+    layout = layout or Layout((Part(shape[dim], 1),))
+    return [sum(len(p.local_units(tp, rank)) * p.unit_rows for p in layout.parts) for rank in range(tp)]
+
+
+def local_shape(shape: tuple[int, ...], dim: int | None, tp: int, layout: Layout | None = None) -> tuple[int, ...]:
+    """The shape rank 0 stores (it holds the largest shard when the sizes are uneven)."""
+    sizes = rank_sizes(shape, dim, tp, layout)
+    return tuple(shape) if sizes is None else tuple(sizes[0] if i == dim else s for i, s in enumerate(shape))
+
+
+def uneven_note(shape: tuple[int, ...], dim: int | None, tp: int, layout: Layout | None = None) -> str:
+    """For ``tp plan``: " (dim 0 per rank: 101, 100)" where the ranks hold different sizes, else ""."""
+    sizes = rank_sizes(shape, dim, tp, layout)
+    if sizes is None or len(set(sizes)) == 1:
+        return ""
+    runs = [(size, len(list(group))) for size, group in itertools.groupby(sizes)]
+    return f" (dim {dim} per rank: " + ", ".join(f"{s} x{n}" if n > 1 else str(s) for s, n in runs) + ")"
 
 
 @dataclass(frozen=True)
@@ -73,15 +90,17 @@ def constraints(model: nn.Module, plan: ResolvedPlan, paths: set[str] | None = N
         if by_layout is not None:
             laid_out += [(f"{path}.{name}", layout) for name, (layout, _) in by_layout.items()]
             continue
-        if decision.style.style.uneven_ok(decision.style.options):
-            continue
+        # rows split as torch.chunk does (a vocabulary, an MLP's intermediate features) need not
+        # divide; the heads among them still must
+        uneven = decision.style.style.uneven_ok(decision.style.options)
         parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else None
         for name, dim in sharded_dims(decision, module).items():
             param = getattr(module, name, None)
             if param is None:
                 continue
             size = param.shape[dim]
-            found.append(Constraint(path, f"{name}.shape[{dim}]", size))
+            if not uneven:
+                found.append(Constraint(path, f"{name}.shape[{dim}]", size))
             head_dim = _head_dim(parent)
             # In attention, a shard must hold whole heads, not just a whole number of features. An
             # output of one value per head (a gate, a sink) holds whole heads already.

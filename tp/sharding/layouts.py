@@ -6,6 +6,11 @@ of q and none of v. A ``Layout`` describes the dimension as a sequence of parts,
 of whole units (heads, or single rows), and gives every rank its own slice of every part,
 in order: Megatron's "stride".
 
+A part of single rows that nothing groups (an MLP's intermediate features, a convolution's
+channels) may split unevenly, as ``torch.chunk`` and DTensor's ``Shard`` split: every rank
+``ceil(units / tp)`` rows, the last ones fewer or none (rank 0 holds the larger shard). Only a layout of
+that one part may: the parts of a fused weight must split evenly, and heads must stay whole.
+
 A part with fewer units than ranks (the kv heads of GQA with TP > kv heads, or the single
 kv head of multi-query attention) is replicated: rank ``r`` holds unit ``r * units // tp``,
 so every rank holds the kv head its query heads use.
@@ -41,6 +46,7 @@ class Part:
     unit: str = "units"  # what a unit is, for messages: heads, groups, rows
     multiple: int = 1  # each rank's units must be a multiple of this (a kernel's alignment) ...
     why_multiple: str = ""  # ... for this reason
+    uneven: bool = False  # alone in its layout, it may split as torch.chunk does (rows nothing groups)
 
     @property
     def rows(self) -> int:
@@ -49,7 +55,8 @@ class Part:
     def replicas(self, tp: int) -> int:
         return tp // self.units if self.units < tp else 1
 
-    def problem(self, tp: int) -> str | None:
+    def problem(self, tp: int, alone: bool = False) -> str | None:
+        """Why this part cannot split over ``tp`` ranks, or None; ``alone``: it is its layout's only part."""
         if self.units % tp == 0:
             per_rank = self.units // tp
             if per_rank % self.multiple:
@@ -58,15 +65,24 @@ class Part:
             return None
         if self.replicable and tp % self.units == 0:
             return None
+        if self.uneven and alone and self.multiple == 1:
+            return None  # the last ranks may hold fewer rows, or none (5 rows over 4 ranks: 2, 2, 1, 0)
+        if self.uneven:
+            return (f"{self.name}: {self.units} {self.unit} do not divide by tp={tp}, and the parts of a fused "
+                    "weight must split evenly (each rank holds the same share of every part)")
         how = " nor does tp divide by it (to replicate them)" if self.replicable else ""
         return f"{self.name}: {self.units} {self.unit} of {self.unit_rows} rows do not divide by tp={tp}{how}"
 
     def local_units(self, tp: int, rank: int) -> range:
-        if self.units >= tp:
-            per = self.units // tp
-            return range(rank * per, (rank + 1) * per)
-        unit = rank * self.units // tp
-        return range(unit, unit + 1)
+        """The units rank ``rank`` holds: a block of ``ceil(units / tp)`` in rank order, as
+        torch.chunk splits (equal blocks when ``tp`` divides ``units``), or the one unit it shares
+        with other ranks when a replicable part has fewer units than ranks."""
+        if self.units < tp and self.replicable:
+            unit = rank * self.units // tp
+            return range(unit, unit + 1)
+        per = -(-self.units // tp)
+        start = min(rank * per, self.units)
+        return range(start, min(start + per, self.units))
 
 
 @dataclass(frozen=True)
@@ -78,7 +94,7 @@ class Layout:
         return sum(p.rows for p in self.parts)
 
     def problems(self, tp: int) -> list[str]:
-        found = [msg for p in self.parts if (msg := p.problem(tp))]
+        found = [msg for p in self.parts if (msg := p.problem(tp, alone=len(self.parts) == 1))]
         if len(found) == len(self.parts) > 1 and len({(p.units, p.unit_rows) for p in self.parts}) == 1:
             # equal parts fail alike: say it once
             return [f"each of {len(self.parts)} equal parts: " + found[0].split(": ", 1)[1]]

@@ -109,7 +109,9 @@ def build_layout(size: int, *, parts, unit: str, heads: Heads | None, where: str
         raise PlanError(f"{where}: {size} rows do not split into {parts} parts of whole {unit}s ({total} {unit}s)")
     units = total // parts
     word = {"row": "rows", "head": "heads", "head_dim": "head_dim blocks", "group": "kv groups"}[unit]
-    return Layout(tuple(Part(units, size // total, name=f"part {i}", unit=word) for i in range(parts)))
+    # single rows (features, channels) of one part may split unevenly, as torch.chunk does
+    return Layout(tuple(Part(units, size // total, name=f"part {i}", unit=word, uneven=unit == "row")
+                        for i in range(parts)))
 
 
 def first_input(style: str, module: nn.Module, args: tuple, kwargs: dict):

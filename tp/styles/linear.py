@@ -248,15 +248,19 @@ COLWISE = Style(
     reads=Act.REPLICATED, leaves=Act.FEATURES,
     sharded_dims=_dims({nn.Linear: {"weight": 0, "bias": 0}, nn.Embedding: {"weight": 1}}),
     layouts=_by_layout(build_colwise), collectives=_colwise_collectives,
-    opens_block=lambda args: args == LayoutArgs())
+    opens_block=lambda args: args == LayoutArgs(), uneven_ok=lambda args: True)
 
-# an all-reduce, or a reduce-scatter with its all-gather in the backward
+# an all-reduce, or a reduce-scatter with its all-gather in the backward. Uneven features (an
+# intermediate size of 201 at TP=2) are exact where the input arrives as the local features the
+# column-parallel linear before left; torch's RowwiseParallel (sequence parallel, a DTensor output)
+# would infer the global size from an even split.
 ROWWISE = Style(
     name="rowwise", build=build_rowwise, args=RowwiseArgs, supports=LAYOUT_TYPES,
     doc="input features sharded; partial outputs all-reduced (reduce-scattered under sequence parallelism)",
     reads=Act.FEATURES, leaves=lambda args: Act.SEQUENCE if _sequence(args) else Act.REPLICATED,
     sharded_dims=_dims({nn.Linear: {"weight": 1}}), layouts=_by_layout(build_rowwise),
-    collectives=lambda site: (1, int(_sequence(site.args))), takes_sequence_dim=True)
+    collectives=lambda site: (1, int(_sequence(site.args))), takes_sequence_dim=True,
+    uneven_ok=lambda args: not _sequence(args) and args.local_output)
 
 ROWWISE_INTO_SHARDED = Style(
     name="rowwise_into_sharded", build=lambda site: RowwiseIntoSharded(), supports=(nn.Linear,),
