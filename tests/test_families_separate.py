@@ -5,8 +5,8 @@ them CodeGen's way), at TP=2 and TP=4 against the unsharded model.
 * GPT-J and CodeGen: attention and MLP side by side on one LayerNorm; lm_head has a bias.
 * CodeGen: qkv_proj holds mp_num=4 blocks of [q; v; k]: 12 equal parts, split by heads, and
   out_proj reads the heads back in that block order: 4 parts.
-* StableLM: GQA; kv heads are replicated when tp > kv heads. Its per-head q/k LayerNorm list
-  (qk_layernorm) is refused by plans/stablelm.py.
+* StableLM: GQA; kv heads are replicated when tp > kv heads. Its per-head q/k LayerNorm lists
+  (qk_layernorm) run each rank's own heads' norms (per_head_norms; tests/test_stablelm_norms.py).
 """
 
 import pytest
@@ -57,14 +57,14 @@ def test_stablelm_two_kv_heads_replicated_at_tp4(pool4):
     _check(result, per_block_backward=2 + 4)
 
 
-def test_stablelm_qk_layernorm_is_refused():
-    """The per-head LayerNorm list would pair each rank's heads with the first heads' norms."""
+def test_stablelm_qk_layernorm_plans_per_head_norms():
+    """The per-head LayerNorm lists get per_head_norms (q heads, kv heads); without them the plan has none."""
     model = tp.testing.models.build(tp.testing.models.family_config("stablelm", qk_layernorm=True), device="meta")
-    with pytest.raises(tp.PlanError, match="qk_layernorm=True cannot be sharded"):
-        tp.resolve(model, 2)
-    # Without it the plan resolves.
+    styles = {path: str(d.style) for path, d in tp.resolve(model, 2).decisions.items() if "layernorm" in path}
+    assert styles["model.layers.0.self_attn.q_layernorm"] == "per_head_norms(heads=q)"
+    assert styles["model.layers.0.self_attn.k_layernorm"] == "per_head_norms(heads=kv)"
     plain = tp.testing.models.build(tp.testing.models.family_config("stablelm"), device="meta")
-    assert tp.resolve(plain, 2).family == "stablelm"
+    assert not any("per_head_norms" in str(d.style) for d in tp.resolve(plain, 2).decisions.values())
 
 
 def test_codegen_layouts_follow_its_mp_num_4_split():
