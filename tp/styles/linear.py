@@ -170,6 +170,11 @@ class CheckedTokenIds(ParallelStyle):
     """A vocab-parallel embedding style that first checks the token ids, as the unsharded embedding
     does: each rank looks up only its rows and would give zeros for an id outside the vocabulary.
 
+    Under ``torch.compile``, and on accelerators, the check is an assertion inside the computation
+    (``torch._assert_async``, a RuntimeError): a branch on the ids' values would break the graph,
+    and on a GPU it would wait for the device at every call, where the unsharded lookup asserts on
+    the device too.
+
     Example::
         >>> parallelize_module(model, mesh, {"model.embed_tokens": CheckedTokenIds(OwnedRowwiseParallel())})
     """
@@ -182,7 +187,11 @@ class CheckedTokenIds(ParallelStyle):
     def _check(module: nn.Module, args, kwargs) -> None:
         ids = args[0] if args else kwargs.get("input")
         if isinstance(ids, torch.Tensor) and ids.numel():
-            low, high = torch.aminmax(ids.to_local() if isinstance(ids, DTensor) else ids)
+            ids = ids.to_local() if isinstance(ids, DTensor) else ids
+            if ids.device.type != "cpu" or torch.compiler.is_compiling():
+                torch._assert_async(((ids >= 0) & (ids < module.num_embeddings)).all(), "index out of range in self")
+                return
+            low, high = torch.aminmax(ids)
             if low < 0 or high >= module.num_embeddings:
                 raise IndexError("index out of range in self")  # what nn.Embedding raises
 
