@@ -79,7 +79,7 @@ def test_plan_json_holds_what_the_text_shows(cli):
     rows = {l.split()[0]: l.split()[1:4] for l in lines if l.startswith(("model.", "lm_head"))}
     assert {m["module"]: [m["type"], m["style"], m["source"].split()[0]] for m in data["modules"]} == rows
     q_proj = next(m for m in data["modules"] if m["module"] == "model.layers.0.self_attn.q_proj")
-    assert q_proj["parameters"] == [{"name": "weight", "shape": [64, 64], "per_rank": [32, 64]}]
+    assert q_proj["parameters"] == [{"name": "weight", "shape": [64, 64], "per_rank": [32, 64], "uneven": None}]
     assert q_proj["block_group"] == 0 and data["block_groups"] == [
         {"layers": ["model.layers.0", "model.layers.1"], "count": 2}]
     b = data["parameter_bytes"]
