@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import PlanError, SizeError
 from ..patterns import matches
 from ..plan.resolved import Decision, ResolvedPlan
+from ..sharding.heads import Heads
 from ..sharding.layouts import Layout, Part
 from ..styles.descriptor import LayoutMap
 
@@ -68,9 +69,16 @@ class Unfit:
         return [self.reason]
 
 
-def _head_dim(parent: nn.Module | None) -> int | None:
+def _head_dim(parent: nn.Module | None, size: int, heads: Heads | None) -> int | None:
+    """The size of one head, if a dimension of ``size`` features of a child of ``parent`` holds heads:
+    the parent's ``head_dim``, else the model's, where the size is that of all its q or kv heads
+    (T5 names it ``key_value_proj_dim``; with uneven splits allowed, only this keeps heads whole)."""
     head_dim = getattr(parent, "head_dim", None)
-    return head_dim if isinstance(head_dim, int) and head_dim > 0 else None
+    if isinstance(head_dim, int) and head_dim > 0:
+        return head_dim
+    if parent is not None and heads is not None and size in (heads.q * heads.dim, heads.kv * heads.dim):
+        return heads.dim
+    return None
 
 
 def constraints(model: nn.Module, plan: ResolvedPlan, paths: set[str] | None = None
@@ -101,7 +109,7 @@ def constraints(model: nn.Module, plan: ResolvedPlan, paths: set[str] | None = N
             size = param.shape[dim]
             if not uneven:
                 found.append(Constraint(path, f"{name}.shape[{dim}]", size))
-            head_dim = _head_dim(parent)
+            head_dim = _head_dim(parent, size, decision.heads or plan.heads)
             # In attention, a shard must hold whole heads, not just a whole number of features. An
             # output of one value per head (a gate, a sink) holds whole heads already.
             per_head = plan.heads is not None and size in (plan.heads.q, plan.heads.kv)
