@@ -59,6 +59,10 @@ def test_heads_are_not_split_unevenly():
     lines, _ = tp.checks.sizes.problems(model, tp.resolve(model, 4), 4)
     assert any("q_proj" in line and "heads (48 / head_dim 8) = 6 does not divide by tp=4" in line for line in lines)
     assert not any("mlp" in line for line in lines)
+    # T5's attention has no head_dim attribute (key_value_proj_dim): the config's heads keep them whole
+    t5 = tp.testing.models.build(tp.testing.models.family_config("t5"), device="meta")
+    lines, _ = tp.checks.sizes.problems(t5, tp.resolve(t5, 3), 3)
+    assert "encoder.block.*.layer.*.SelfAttention.q: heads (64 / head_dim 8) = 8 does not divide by tp=3" in lines
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
