@@ -67,7 +67,7 @@ class Part:
             return None
         if self.uneven and alone and self.multiple == 1:
             return None  # the last ranks may hold fewer rows, or none (5 rows over 4 ranks: 2, 2, 1, 0)
-        if self.uneven:
+        if self.uneven and not alone:
             return (f"{self.name}: {self.units} {self.unit} do not divide by tp={tp}, and the parts of a fused "
                     "weight must split evenly (each rank holds the same share of every part)")
         how = " nor does tp divide by it (to replicate them)" if self.replicable else ""
