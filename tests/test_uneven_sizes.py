@@ -26,11 +26,14 @@ CASES = {
 def test_one_part_of_rows_splits_as_torch_chunk():
     for rows, ranks in ((201, 2), (202, 4), (203, 4), (5, 4), (128, 4)):
         layout = Layout((Part(rows, 1, uneven=True),))
-        assert layout.problems(ranks) == []
         chunks = torch.arange(rows).chunk(ranks)
         for rank in range(ranks):
             want = chunks[rank].tolist() if rank < len(chunks) else []
             assert layout.rows(ranks, rank) == want, (rows, ranks, rank)
+        # a layout's module may be a convolution, which cannot run a rank with no channels
+        assert layout.problems(ranks) == ([] if len(chunks) == ranks else
+                                          [f"part: {rows} units split as torch.chunk splits them (2 per rank) "
+                                           f"leave rank {ranks - 1} none at tp={ranks}"])
 
 
 def test_fused_parts_and_heads_must_still_divide():
@@ -73,6 +76,40 @@ def test_uneven_intermediate_matches_the_unsharded_model(case, request):
     assert result.worst_grad_rel <= 1e-4, result.table()
     assert result.gathered_exact, result.gathered_mismatch
     assert result.collectives_ok, result.table()
+
+
+def _conv_pair_on_rank(middle: int) -> dict:
+    """A column-parallel Conv2d (3 -> middle channels) into a row-parallel one (middle -> 5)."""
+    import copy
+
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from tp.styles.layout import ColwiseLayout, RowwiseLayout
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, middle, 3, padding=1), nn.GELU(), nn.Conv2d(middle, 5, 3, padding=1))
+    model = parallelize_module(copy.deepcopy(ref), init_device_mesh("cpu", (dist.get_world_size(),)),
+                               {"0": ColwiseLayout(), "2": RowwiseLayout()})
+    x = torch.randn(2, 3, 9, 9)
+    ref(x).square().sum().backward()
+    out = model(x)
+    out.square().sum().backward()
+    grads = {n: (tp.full_tensor(p.grad, like=p) - r.grad).abs().max().item() / r.grad.abs().max().item()
+             for (n, p), r in zip(model.named_parameters(), ref.parameters(), strict=True)}
+    return {"diff": (out - ref(x)).abs().max().item(), "grad_rel": max(grads.values()),
+            "exact": all(torch.equal(tp.full_tensor(p), r) for p, r in zip(model.parameters(), ref.parameters())),
+            "channels": model[0].weight.to_local().shape[0]}
+
+
+@pytest.mark.parametrize("middle, pool_name", [(7, "pool2"), (7, "pool4")])
+def test_uneven_convolution_channels(middle, pool_name, request):
+    results = request.getfixturevalue(pool_name).run(_conv_pair_on_rank, middle)
+    assert [r["channels"] for r in results] == [len(c) for c in torch.arange(middle).chunk(len(results))]
+    for r in results:
+        assert r["diff"] <= 1e-5 and r["grad_rel"] <= 1e-4 and r["exact"], r
 
 
 def _checkpoint_round_trip(directory: str, saved: str) -> dict:

@@ -99,7 +99,8 @@ def constraints(model: nn.Module, plan: ResolvedPlan, paths: set[str] | None = N
             laid_out += [(f"{path}.{name}", layout) for name, (layout, _) in by_layout.items()]
             continue
         # rows split as torch.chunk does (a vocabulary, an MLP's intermediate features) need not
-        # divide; the heads among them still must
+        # divide, and a rank may hold none (an empty weight is fine for F.linear and a lookup); the
+        # heads among them must still divide
         uneven = decision.style.style.uneven_ok(decision.style.options)
         parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else None
         for name, dim in sharded_dims(decision, module).items():

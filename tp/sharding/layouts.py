@@ -8,8 +8,8 @@ in order: Megatron's "stride".
 
 A part of single rows that nothing groups (an MLP's intermediate features, a convolution's
 channels) may split unevenly, as ``torch.chunk`` and DTensor's ``Shard`` split: every rank
-``ceil(units / tp)`` rows, the last ones fewer or none (rank 0 holds the larger shard). Only a layout of
-that one part may: the parts of a fused weight must split evenly, and heads must stay whole.
+``ceil(units / tp)`` rows, the last ones fewer (rank 0 holds the larger shard), none refused. Only a
+layout of that one part may: the parts of a fused weight must split evenly, and heads must stay whole.
 
 A part with fewer units than ranks (the kv heads of GQA with TP > kv heads, or the single
 kv head of multi-query attention) is replicated: rank ``r`` holds unit ``r * units // tp``,
@@ -66,7 +66,11 @@ class Part:
         if self.replicable and tp % self.units == 0:
             return None
         if self.uneven and alone and self.multiple == 1:
-            return None  # the last ranks may hold fewer rows, or none (5 rows over 4 ranks: 2, 2, 1, 0)
+            if len(self.local_units(tp, tp - 1)):
+                return None  # the last ranks hold fewer rows
+            # a convolution cannot run with no output channels (torch refuses the empty weight)
+            return (f"{self.name}: {self.units} {self.unit} split as torch.chunk splits them "
+                    f"({-(-self.units // tp)} per rank) leave rank {tp - 1} none at tp={tp}")
         if self.uneven and not alone:
             return (f"{self.name}: {self.units} {self.unit} do not divide by tp={tp}, and the parts of a fused "
                     "weight must split evenly (each rank holds the same share of every part)")
