@@ -7,6 +7,7 @@ same directory and with every parameter bit for bit transformers'; ``tp.save_pre
 writes exactly the tensors, under exactly the names, of the original files.
 """
 
+import re
 from pathlib import Path
 
 import pytest
@@ -61,8 +62,9 @@ def _load_all(root: str, out: str, cases: list[str]) -> dict:
         model = tp.from_pretrained(f"{root}/{name}", mesh)
         with torch.no_grad():
             logits = tp.full_tensor(model(input_ids=IDS).logits)
-        params = {n: tp.full_tensor(p.detach()) for n, p in model.named_parameters()}
-        experts = [p for n, p in model.named_parameters() if n.endswith("experts.gate_up_proj")]
+        params = tp.full_parameters(model)
+        # gate_up_proj is stored as two parts (gate, up) when sharded: each rank holds its rows of each
+        experts = [p for n, p in model.named_parameters() if re.search(r"experts\.gate_up_proj(_part0)?$", n)]
         local = experts[0].to_local() if hasattr(experts[0], "to_local") else experts[0]
         tp.save_pretrained(model, f"{out}/{name}")
         found[name] = {"logits": logits, "params": params, "experts_local": tuple(local.shape),

@@ -17,7 +17,6 @@ import tp
 import tp.checks.sizes
 import tp.testing.launch
 import tp.testing.models
-from tp.sharding.lending import local_of
 from tp.errors import PlanError
 from tp.sharding.heads import Heads
 from tp.sharding.layouts import Layout, Part
@@ -127,16 +126,16 @@ def _fused_on_rank(linear_kind: str) -> dict:
     ref_out.square().sum().backward()
     out = local_forward(x_tp)
     out.square().sum().backward()
-    grads = {n: tp.full_tensor(p.grad, like=p) for n, p in model.named_parameters()}
+    grads = tp.full_parameters(model, grads=True)
     ref_grads = dict(reference.named_parameters())
     return {
         "out": (out - ref_out).abs().max().item(),
         "input_grad": ((x_tp.grad - x_ref.grad).abs().max() / x_ref.grad.abs().max()).item(),
         "grads": {n: ((g - ref_grads[n].grad).abs().max() / ref_grads[n].grad.abs().max()).item()
                   for n, g in grads.items()},
-        "exact": all(torch.equal(tp.full_tensor(p.detach(), like=p), ref_grads[n].detach())
-                     for n, p in model.named_parameters()),
-        "local_rows": tuple(local_of(model.qkv.weight).shape),
+        "exact": all(torch.equal(p, ref_grads[n].detach()) for n, p in tp.full_parameters(model).items()),
+        "parts": [(type(p.placements[0]).__name__, tuple(p.to_local().shape))
+                  for n, p in model.qkv.named_parameters() if n.startswith("weight_part")],
     }
 
 
@@ -149,11 +148,14 @@ def test_fused_gqa_qkv_matches_the_plain_module(pool_name, linear_kind, request)
         assert r["out"] <= 1e-5 and r["input_grad"] <= 1e-4, r
         assert max(r["grads"].values()) <= 1e-4, r
         assert r["exact"], r
-    # tp=4 keeps the fused weight whole (its kv heads repeat over ranks) and computes with 2 q heads
-    # and the shared k and v heads of it
-    rows = 48 // len(results) if len(results) == 2 else 48
-    expected = (rows, 16) if linear_kind == "linear" else (16, rows)
-    assert results[0]["local_rows"] == expected
+    # the fused weight is stored as its q, k and v parts: at tp=2 each sharded, at tp=4 the q heads
+    # sharded and the k and v heads (2 of them, fewer than the ranks) whole on every rank
+    def shape(rows):
+        return (rows, 16) if linear_kind == "linear" else (16, rows)
+
+    q_rows, kv_rows = 32 // len(results), 8 // len(results) if len(results) == 2 else 8
+    kv_kind = "Shard" if len(results) == 2 else "Replicate"
+    assert results[0]["parts"] == [("Shard", shape(q_rows)), (kv_kind, shape(kv_rows)), (kv_kind, shape(kv_rows))]
 
 
 def test_gqa_with_more_ranks_than_kv_heads(pool4):
@@ -192,17 +194,19 @@ def test_yuan_at_tp3_with_sizes_the_registry_does_not_use():
 
 
 def _gathered_after_to(family: str) -> bool:
-    """phi3's fused qkv_proj holds its rows in rank order (a Shard DTensor of a permutation); after
-    ``model.to()`` replaces the Parameter objects, the full state dict still un-permutes it."""
+    """phi3's fused qkv_proj and gate_up_proj are stored in parts; after ``model.to()`` replaces the
+    Parameter objects, the full state dict still joins them, and the model still computes with them."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     model = tp.testing.models.tiny_model(family)
     original = {name: p.detach().clone() for name, p in model.named_parameters()}
     tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)))
-    model.to("cpu")
+    ids = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(0))
+    before = model(ids).logits
+    model.to(torch.float64).to(torch.float32)  # new Parameter objects: the parts are no longer views of one buffer
     full = tp.full_state_dict(model)
-    return all(torch.equal(full[name], value) for name, value in original.items())
+    return all(torch.equal(full[name], value) for name, value in original.items()) and torch.equal(model(ids).logits, before)
 
 
 def test_full_state_dict_is_exact_after_model_to(pool2):

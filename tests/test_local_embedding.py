@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import Shard
 
 import tp
 from tests.test_local_linear import DTensorOps

@@ -59,7 +59,7 @@ def _pair_on_rank() -> dict:
     with CollectiveCounter() as backward:
         out.square().sum().backward()
     ref_out.square().sum().backward()
-    grads = {n: (tp.full_tensor(p.grad, like=p) - dict(reference.named_parameters())[n].grad).abs().max().item()
+    grads = {n: (tp.full_tensor(p.grad) - dict(reference.named_parameters())[n].grad).abs().max().item()
              for n, p in model.named_parameters()}
     return {"out": (out - ref_out).abs().max().item(), "input_grad": (x_tp.grad - x_ref.grad).abs().max().item(),
             "grads": grads, "dtensor_ops_in_forward": dtensor_ops.ops, "plain_output": plain_output,

@@ -20,7 +20,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from tp.sharding.gather import full_tensor
+from tp.sharding.gather import full_parameters
 from tp.styles.gathered_norm import GatheredNorm
 from tp.styles.linear import RowwiseIntoSharded
 from tp.styles.shard_rows import ShardRows
@@ -70,8 +70,8 @@ def _compare(ref: nn.Module, model: nn.Module) -> dict:
         out = model(x)
     forward = {str(k).split(".")[-1]: v for k, v in comm.get_comm_counts().items()}
     out.square().sum().backward()
-    grads = {n: (full_tensor(p.grad, like=p) - dict(ref.named_parameters())[n].grad).abs().max().item()
-             / dict(ref.named_parameters())[n].grad.abs().max().item() for n, p in model.named_parameters()}
+    grads = {n: (g - dict(ref.named_parameters())[n].grad).abs().max().item()
+             / dict(ref.named_parameters())[n].grad.abs().max().item() for n, g in full_parameters(model, grads=True).items()}
     return {"out": (out - ref(x)).abs().max().item(), "grads": grads, "forward": forward}
 
 

@@ -28,6 +28,7 @@ _LAZY = {
     "random": "",
     "full_state_dict": "tp.sharding.gather",
     "full_tensor": "tp.sharding.gather",
+    "full_parameters": "tp.sharding.gather",
     "load_registry": "tp.plan.registry",
     "Style": "tp.styles",
     "VerifyResult": "tp.testing.verify",

@@ -38,25 +38,15 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from .checkpoint import save_pretrained
 from .errors import MeshError, PlanError
-from .sharding.tags import local_shard_of
 
 
 def tensor_parallel_mesh(model: nn.Module) -> DeviceMesh:
     """The 1-D mesh ``tp.apply`` sharded ``model`` over, checked to be one the Trainer can train on:
     every trainable parameter a DTensor on it, and its ranks every rank of the job."""
-    meshes, plain = set(), []
-    for name, param in model.named_parameters():
-        if isinstance(param, DTensor):
-            meshes.add(param.device_mesh)
-        elif param.requires_grad and local_shard_of(param) is not None:
-            plain.append(name)
+    meshes = {param.device_mesh for param in model.parameters() if isinstance(param, DTensor)}
     if not meshes:
         raise PlanError(f"tp.trainer.Trainer trains a model that tp.apply sharded; {type(model).__name__} has no "
                         "sharded parameter: call tp.apply(model, mesh) first, or use transformers.Trainer")
-    if plain:
-        # the Trainer would broadcast rank 0's rows of such a parameter to every rank and average its gradient
-        raise PlanError(f"tp.trainer.Trainer: {', '.join(plain)} hold{'s' if len(plain) == 1 else ''} only this "
-                        "rank's rows as a plain tensor, which the Trainer takes for a replicated parameter")
     if len(meshes) > 1 or next(iter(meshes)).ndim != 1:
         raise MeshError("tp.trainer.Trainer trains a model sharded over one 1-D tensor-parallel mesh; this model's "
                         f"parameters are on {len(meshes)} mesh(es) of shapes "

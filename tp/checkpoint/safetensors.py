@@ -20,17 +20,17 @@ import os
 import re
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.placement_types import _StridedShard
 
 from ..errors import CheckpointError
 from ..parallelize import apply
 from ..sharding.gather import full_state_dict
-from ..sharding.tags import copy_tags, local_shard_of, local_shard_parameter
+from ..sharding.tags import copy_tags, layouts_by_name, stored_parts
 from ..sharding.ties import retie, tied_groups
 from .atomic import save_directory
 from .conversion import Reader, Source, read_converted, sources
@@ -68,30 +68,72 @@ def parameters_on_meta():
         nn.Module.register_parameter = register
 
 
+@dataclass(frozen=True)
+class _Target:
+    """One tensor of the unsharded model to fill: a parameter, or a fused one stored in parts."""
+
+    name: str
+    stored: tuple[tuple[str, torch.Tensor], ...]  # (full name, parameter): the parts in order, or itself
+    dim: int = 0  # the dimension the parts are joined along
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.stored[0][1].dtype
+
+    @property
+    def global_shape(self) -> tuple[int, ...]:
+        shape = list(self.stored[0][1].shape)
+        if len(self.stored) > 1:
+            shape[self.dim] = sum(param.shape[self.dim] for _, param in self.stored)
+        return tuple(shape)
+
+    def local_indices(self) -> tuple[int | None, list[int] | None]:
+        """(dimension, indices along it) of the rows this rank holds, in the order its parameters
+        hold them; (None, None) for a whole tensor."""
+        if len(self.stored) == 1:
+            return _local_indices(self.stored[0][1])
+        rows, start = [], 0
+        for _, part in self.stored:
+            dim, own = _local_indices(part)
+            rows.extend(start + row for row in (own if dim is not None else range(part.shape[self.dim])))
+            start += part.shape[self.dim]
+        return self.dim, rows
+
+    def local_sizes(self) -> list[int]:
+        return [(part.to_local() if isinstance(part, DTensor) else part).shape[self.dim] for _, part in self.stored]
+
+
+def _targets(model: nn.Module, params: list[tuple[str, torch.Tensor]]) -> list[_Target]:
+    """The tensors of the unsharded model that ``params`` store, each once."""
+    by_name = dict(params)
+    stored_in = {}
+    for name, shard in layouts_by_name(model).items():
+        path = name.rpartition(".")[0]
+        parts = [f"{path}.{part}" if path else part for part in stored_parts(shard, name.rpartition(".")[2])]
+        if parts != [name] and parts[0] in by_name:
+            stored_in.update({part: (name, parts, shard.dim) for part in parts})
+    targets, done = [], set()
+    for name, param in params:
+        if name not in stored_in:
+            targets.append(_Target(name, ((name, param),)))
+        elif name not in done:
+            fused, parts, dim = stored_in[name]
+            done.update(parts)
+            targets.append(_Target(fused, tuple((part, by_name[part]) for part in parts), dim))
+    return targets
+
+
 def _local_indices(param: torch.Tensor) -> tuple[int | None, list[int] | None]:
-    """(dimension, indices along it) of the rows this rank holds; (None, None) for a whole tensor."""
-    shard = local_shard_of(param)
-    if shard is not None:
-        return shard.dim, shard.layout.rows(shard.mesh.size(), shard.mesh.get_local_rank())
+    """(dimension, indices along it) of the rows a parameter holds on this rank; (None, None) for a whole one."""
     if isinstance(param, DTensor):
         (placement,) = param.placements
         if isinstance(placement, Replicate):
             return None, None
         mesh, dim = param.device_mesh, placement.dim % param.dim()
         # the same placement on the rows' index vector tells which rows this rank holds
-        on_indices = (_StridedShard(0, split_factor=placement.split_factor) if isinstance(placement, _StridedShard)
-                      else Shard(0))
-        chunks, _ = on_indices._split_tensor(torch.arange(param.shape[dim]), mesh.size(), with_padding=False)
+        chunks, _ = Shard(0)._split_tensor(torch.arange(param.shape[dim]), mesh.size(), with_padding=False)
         return dim, chunks[mesh.get_local_rank()].tolist()
     return None, None
-
-
-def _global_shape(param: torch.Tensor) -> tuple[int, ...]:
-    shard = local_shard_of(param)
-    shape = list(param.shape)
-    if shard is not None:
-        shape[shard.dim] = shard.layout.size
-    return tuple(shape)
 
 
 def progress_reporter(enabled: bool | None):
@@ -122,28 +164,34 @@ def load(model: nn.Module, checkpoint_dir: str | os.PathLike, *, strict: bool = 
     ties = tied_groups(model)
     tied_aliases = {f"{p}.{n}" if p else n for group in ties for p, n in group[1:]}
     params = [(name, p) for name, p in model.named_parameters(remove_duplicate=False) if name not in tied_aliases]
-    loaded, conversions = agree(lambda: _read_own_rows(model, params, checkpoint_dir, strict, progress),
+    targets = _targets(model, params)
+    loaded, conversions = agree(lambda: _read_own_rows(model, targets, checkpoint_dir, strict, progress),
                                 what=f"tp.load({checkpoint_dir})")
     from transformers import PreTrainedModel
 
     if isinstance(model, PreTrainedModel):  # saved back in the checkpoint's layout, as after transformers' load
         model._weight_conversions = conversions
-    for name, param in params:
-        module_path, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_path)
-        module.register_parameter(attr, _materialize(param, loaded.pop(name)))
+    for target in targets:
+        # parts along dim 0 stay views of the rows read for them, which the module computes with uncopied
+        # (tp/sharding/fused.py); FSDP2 takes only contiguous parameters
+        locals_ = loaded.pop(target.name).split(target.local_sizes(), dim=target.dim)
+        for (name, param), local in zip(target.stored, locals_, strict=True):
+            module_path, _, attr = name.rpartition(".")
+            model.get_submodule(module_path).register_parameter(attr, _materialize(param, local.contiguous()))
     retie(model, ties)
 
 
-def _read_own_rows(model: nn.Module, params: list[tuple[str, torch.Tensor]], checkpoint_dir, strict: bool,
+def _read_own_rows(model: nn.Module, targets: list[_Target], checkpoint_dir, strict: bool,
                    progress: bool | None) -> tuple[dict[str, torch.Tensor], list]:
     """(parameter name -> this rank's rows of it, transformers' conversions that renamed or converted
     checkpoint tensors), read from the checkpoint after checking its names, which are renamed and
     converted as transformers converts them on load (``conversion.py``)."""
     files = checkpoint_files(checkpoint_dir)
-    names = sources(model, files, known=model.state_dict())
+    parts = {name for target in targets if len(target.stored) > 1 for name, _ in target.stored}
+    known = [name for name in model.state_dict() if name not in parts] + [t.name for t in targets if t.stored[0][0] in parts]
+    names = sources(model, files, known=known)
     found = names.found
-    _check_names(model, [name for name, _ in params], found, names.extra, files, checkpoint_dir, strict)
+    _check_names(model, [target.name for target in targets], found, names.extra, files, checkpoint_dir, strict)
     handles: dict[Path, SafetensorsFile] = {}
     loaded: dict[str, torch.Tensor] = {}
     update = progress_reporter(progress)
@@ -160,9 +208,9 @@ def _read_own_rows(model: nn.Module, params: list[tuple[str, torch.Tensor]], che
                 raise CheckpointError(f"{f.path}: tensor {key} is not in the file its index names")
             return f
 
-        for done, (name, param) in enumerate(params, 1):
-            loaded[name] = _read_parameter(open_file, name, found[name], param, model)
-            update(done, len(params), name)
+        for done, target in enumerate(targets, 1):
+            loaded[target.name] = _read_parameter(open_file, target, found[target.name], model)
+            update(done, len(targets), target.name)
     return loaded, names.used
 
 
@@ -190,31 +238,28 @@ def _listed(names: list[str]) -> str:
     return f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
 
 
-def _read_parameter(open_file: Reader, name: str, source: Source, param: torch.Tensor,
-                    model: nn.Module) -> torch.Tensor:
-    """This rank's rows of parameter ``name`` from the checkpoint tensor(s) that hold it, checked
-    against the parameter it fills."""
+def _read_parameter(open_file: Reader, target: _Target, source: Source, model: nn.Module) -> torch.Tensor:
+    """This rank's rows of ``target`` from the checkpoint tensor(s) that hold it, checked against
+    the parameter(s) it fills."""
+    name, dtype, global_shape = target.name, target.dtype, target.global_shape
     for key in source.keys:
         f = open_file(key)
-        if param.is_floating_point() and not f.dtype(key).is_floating_point:
-            raise CheckpointError(f"{f.path}: tensor {key} is {f.dtype(key)}, which the model's {param.dtype} "
+        if dtype.is_floating_point and not f.dtype(key).is_floating_point:
+            raise CheckpointError(f"{f.path}: tensor {key} is {f.dtype(key)}, which the model's {dtype} "
                                   "parameter cannot take")
-    dim, rows = _local_indices(param)
+    dim, rows = target.local_indices()
     if source.converter is not None:
-        return read_converted(open_file, name, source, model, param.dtype, _global_shape(param), dim, rows)
+        return read_converted(open_file, name, source, model, dtype, global_shape, dim, rows)
     (key,) = source.keys
     f = open_file(key)
     shape = f.shape(key)
-    if shape != _global_shape(param):
+    if shape != global_shape:
         raise CheckpointError(f"{f.path}: tensor {key} has shape {list(shape)}, but the model's is "
-                              f"{list(_global_shape(param))}; the checkpoint is for another configuration")
-    return f.read(key, dim, rows).to(param.dtype)
+                              f"{list(global_shape)}; the checkpoint is for another configuration")
+    return f.read(key, dim, rows).to(dtype)
 
 
 def _materialize(param: torch.Tensor, local: torch.Tensor) -> nn.Parameter:
-    shard = local_shard_of(param)
-    if shard is not None:
-        return local_shard_parameter(local, shard, requires_grad=param.requires_grad)
     if isinstance(param, DTensor):
         placed = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
                                     shape=param.shape, stride=param.stride())

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..sharding.gather import full_tensor
+from ..sharding.gather import full_parameters, full_tensor
 
 LOGITS_ATOL = 1e-5
 GRAD_RTOL = 1e-4
@@ -64,13 +64,13 @@ def gradient_errors(reference: nn.Module, sharded: nn.Module) -> dict[str, float
     floor = GRAD_SCALE_FLOOR * max((g.abs().max().item() for g in ref_grads.values() if g is not None and g.numel()),
                                    default=0.0)
     errors = {}
-    for name, param in sharded.named_parameters():
+    for name, grad in full_parameters(sharded, grads=True).items():
         ref_grad = ref_grads[name]
-        if param.grad is None or ref_grad is None:
-            if (param.grad is None) != (ref_grad is None):
+        if grad is None or ref_grad is None:
+            if (grad is None) != (ref_grad is None):
                 errors[name] = float("inf")
             continue
-        errors[name] = max_rel(full_tensor(param.grad, like=param), ref_grad, floor)
+        errors[name] = max_rel(grad, ref_grad, floor)
     return errors
 
 

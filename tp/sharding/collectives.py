@@ -42,6 +42,26 @@ def f(x: torch.Tensor, group) -> torch.Tensor:
     return _ReduceGradInBackward.apply(x, partial(dist.all_reduce, group=group))
 
 
+class _ReduceGradsTogether(torch.autograd.Function):
+    """Identity on several tensors; in the backward their gradients are summed by one all-reduce."""
+
+    @staticmethod
+    def forward(ctx, group, *xs: torch.Tensor):
+        ctx.group = group
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        flat = torch.cat([grad.reshape(-1) for grad in grads])
+        dist.all_reduce(flat, group=ctx.group)
+        return None, *(piece.view_as(grad) for piece, grad in zip(flat.split([g.numel() for g in grads]), grads))
+
+
+def f_together(xs: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """``f`` on several tensors at once: their gradients summed by one all-reduce, not one each."""
+    return list(_ReduceGradsTogether.apply(group, *xs))
+
+
 class _AllReduceInForward(torch.autograd.Function):
     """``x`` summed over ``group`` in the forward; the gradient passed on unchanged."""
 
@@ -62,16 +82,15 @@ def g(x: torch.Tensor, group) -> torch.Tensor:
     return _AllReduceInForward.apply(x, group)
 
 
-def rows_of_whole(whole: torch.Tensor, shard) -> torch.Tensor:
-    """This rank's rows of ``whole``, the local tensor of a parameter kept whole because its layout
-    (``shard.layout``, a ``LocalShard``'s) gives some rows to several ranks (kv heads with TP > kv
-    heads). Each rank's gradient of ``whole`` covers only the rows it used, so in the backward it
-    is summed over the ranks (``f``, one all-reduce)."""
-    mesh = shard.mesh
-    rows = torch.tensor(shard.layout.rows(mesh.size(), mesh.get_local_rank()), device=whole.device)
+def rows_of_whole(whole: torch.Tensor, layout, dim: int, mesh) -> torch.Tensor:
+    """This rank's rows of ``whole``, the local tensor of a parameter kept whole because its
+    ``layout`` (a ``tp.sharding.layouts.Layout`` along ``dim``) gives some rows to several ranks of
+    ``mesh`` (kv heads with TP > kv heads). Each rank's gradient of ``whole`` covers only the rows
+    it used, so in the backward it is summed over the ranks (``f``, one all-reduce)."""
+    rows = torch.tensor(layout.rows(mesh.size(), mesh.get_local_rank()), device=whole.device)
     if whole.requires_grad:
         whole = f(whole, mesh.get_group())
-    return whole.index_select(shard.dim, rows)
+    return whole.index_select(dim, rows)
 
 
 class _OwnedLocal(torch.autograd.Function):

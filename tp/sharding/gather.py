@@ -1,4 +1,4 @@
-"""Full tensors back from a sharded model: DTensors, and plain tensors that hold a layout's rows."""
+"""Full tensors back from a sharded model, under the names of the unsharded one."""
 
 from __future__ import annotations
 
@@ -7,36 +7,52 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
-from .tags import LocalShard, is_packed, layouts_by_name, local_shard_of
+from .fused import joined_whole
+from .tags import layouts_by_name, stored_parts
 
 
-def full_tensor(tensor: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank (a collective for sharded tensors: call it on every rank).
-
-    ``like`` is the parameter whose layout ``tensor`` follows, e.g. for its gradient. It reads the
-    parameter's own tag, which ``model.to()`` drops; ``full_state_dict`` reads the model's modules.
-    """
-    shard = local_shard_of(like if like is not None else tensor)
-    if shard is not None:  # the layout's rows, whichever tensor holds them
-        return _gathered(tensor, shard)
+    A parameter, or its gradient, is whole this way too, being a DTensor whose global view is the
+    original tensor; a fused parameter's parts are joined by ``full_parameters``."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def full_parameters(model: nn.Module, *, grads: bool = False) -> dict[str, torch.Tensor | None]:
+    """Parameter name -> the whole parameter (or its whole gradient, None where it has none) on every
+    rank, under the names of the unsharded model: a fused parameter's parts are joined (a collective)."""
+    out = {name: _whole(param.grad if grads else param.detach())
+           for name, param in model.named_parameters()}
+    for name, shard in layouts_by_name(model).items():
+        parts = [_sibling(name, part) for part in stored_parts(shard, name.rpartition(".")[2])]
+        if parts != [name] and parts[0] in out:
+            values = [out[part] for part in parts]
+            joined = None if any(v is None for v in values) else joined_whole(values, shard.dim)
+            out = _replaced(out, parts, name, joined)
+    return out
+
+
+def _whole(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else full_tensor(tensor)
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of ``model``, whole, under its usual name (on every rank).
+    """Every parameter and buffer of ``model``, whole, under its usual name (on every rank): a
+    fused parameter stored in parts is joined back under its own name.
 
     Under FSDP2 + TP the FSDP units are unsharded first, so that each parameter is gathered over the
-    TP mesh alone, as tp sharded it; ``DTensor.full_tensor()`` of the 2-D parameter is wrong in
-    torch 2.13 where FSDP nests a ``_StridedShard`` under tp's on the same dimension."""
-    packed = {name: shard for name, shard in layouts_by_name(model).items() if is_packed(shard)}
+    TP mesh alone, as tp sharded it."""
     state = model.state_dict()  # before unsharding: FSDP2's state-dict hook puts the sharded parameters back
     fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for unit in fsdp:
         unit.unshard()
     try:
         unsharded = {**state, **dict(model.named_parameters(remove_duplicate=False))}
-        full = {name: _gathered(unsharded[name].detach(), packed[name]) if name in packed
-                else full_tensor(unsharded[name].detach()) for name in state}
+        full = {name: full_tensor(unsharded[name].detach()) for name in state}
+        for name, shard in layouts_by_name(model).items():
+            parts = [_sibling(name, part) for part in stored_parts(shard, name.rpartition(".")[2])]
+            if parts != [name] and parts[0] in full:
+                full = _replaced(full, parts, name, joined_whole([full[part] for part in parts], shard.dim))
         # a parameter FSDP holds unsharded may be its all-gather buffer itself, freed by reshard()
         return {name: value.clone() for name, value in full.items()} if fsdp else full
     finally:
@@ -44,6 +60,17 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             unit.reshard()
 
 
-def _gathered(tensor: torch.Tensor, shard: LocalShard) -> torch.Tensor:
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-    return shard.layout.gather(local, shard.dim, group=shard.mesh.get_group())
+def _sibling(name: str, attr: str) -> str:
+    path = name.rpartition(".")[0]
+    return f"{path}.{attr}" if path else attr
+
+
+def _replaced(state: dict, parts: list[str], name: str, value) -> dict:
+    """``state`` with the entries ``parts`` replaced by one entry ``name`` where the first part was."""
+    out = {}
+    for key, tensor in state.items():
+        if key == parts[0]:
+            out[name] = value
+        elif key not in parts:
+            out[key] = tensor
+    return out

@@ -25,13 +25,19 @@ def lend_local_params(module: nn.Module, names, local_fn, *, lender: Hashable = 
     """Swap the parameters ``names`` for ``local_fn(name, param)`` until ``take_back_params``.
 
     A name that holds a lent tensor (not a Parameter) is left as it is. One that holds a Parameter
-    again although an outer lender lent it (FSDP2 put its unsharded parameter there) is lent anew."""
+    again although an outer lender lent it (FSDP2 put its unsharded parameter there) is lent anew.
+    A name registered as None (a fused parameter stored in parts) is lent what ``local_fn(name,
+    None)`` makes of it, unless that is None too."""
     mine = module.__dict__.setdefault(_LENT, {}).setdefault(lender, {})
     for name in names:
-        param = module._parameters.get(name)
-        if isinstance(param, nn.Parameter) and name not in mine:
-            mine[name] = param
-            module._parameters[name] = local_fn(name, param)
+        if name in mine or name not in module._parameters:
+            continue
+        param = module._parameters[name]
+        if isinstance(param, nn.Parameter) or param is None:
+            local = local_fn(name, param)
+            if param is not None or local is not None:
+                mine[name] = param
+                module._parameters[name] = local
 
 
 def take_back_params(module: nn.Module, *, lender: Hashable = STYLE) -> dict[str, nn.Parameter] | None:

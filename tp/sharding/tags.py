@@ -1,17 +1,15 @@
 """The one owner of the tags a sharded parameter carries.
 
-Every parameter of a sharded model is a DTensor on the tensor-parallel mesh, so that torch's
-optimizers, gradient clipping and checkpoints take them all at once:
+Every parameter of a sharded model is a DTensor on the tensor-parallel mesh whose global view is
+the original tensor, so that torch's optimizers, gradient clipping and checkpoints (DCP included,
+at any TP size) take them all at once:
 
-- rows a placement describes (one part: ``Shard``; equal fused parts: ``_StridedShard``): a
-  DTensor whose global view is the original tensor, tagged with its ``LocalShard``
-  (``_tp_layout``) so checkpoints can reshard its parts;
-- unequal fused parts (phi3's ``qkv_proj`` with fewer kv than query heads): every rank holds as
-  many distinct rows, a ``Shard(dim)`` DTensor of the rows in rank order (a permutation of the
-  original), tagged ``_tp_local_shard``: the layout, not DTensor, gathers it;
-- a layout that gives some rows to several ranks (kv heads replicated by need, TP > kv heads):
-  the whole tensor, replicated, tagged ``_tp_layout``, so that a gradient norm counts each of its
-  values once; the module computes with this rank's rows of it, and their gradients are summed;
+- rows one part describes (``Shard``): a DTensor tagged with its ``LocalShard`` (``_tp_layout``);
+- a layout of several parts (fused ``qkv_proj``, packed ``gate_up_proj``): one DTensor parameter
+  per part in place of the fused one (``tp.sharding.fused``), lent joined to the module's forward;
+- a one-part layout that gives some rows to several ranks (kv heads replicated by need, TP > kv
+  heads): the whole tensor, replicated, so that a gradient norm counts each of its values once;
+  the module computes with this rank's rows of it, and their gradients are summed;
 - parameters no style shards: replicated (``tp.sharding.whole``).
 
 A module also remembers the ``LocalShard`` of each of its parameters placed by a layout, by name:
@@ -27,32 +25,22 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
+from .collectives import rows_of_whole
+from .fused import joined_local, part_names, split_into_parts, stored_in_parts
 from .layouts import Layout
+from .lending import local_of
 
-_LOCAL = "_tp_local_shard"
 _PLACED = "_tp_layout"
 _LAYOUTS = "_tp_layouts"  # on a module: parameter name -> LocalShard, for every parameter placed by a layout
 
 
 @dataclass(frozen=True)
 class LocalShard:
-    """Marks a parameter that holds only this rank's rows of ``layout`` along ``dim``."""
+    """Marks a parameter (or a fused one stored in parts) that holds this rank's rows of ``layout`` along ``dim``."""
 
     layout: Layout
     dim: int
     mesh: DeviceMesh
-
-
-def local_shard_parameter(local: torch.Tensor, shard: LocalShard, *, requires_grad: bool = True) -> nn.Parameter:
-    """A parameter holding this rank's rows of ``shard.layout`` (no rank's rows repeating another's),
-    tagged for gathering: a ``Shard(dim)`` DTensor of the rows concatenated in rank order."""
-    shape = list(local.shape)
-    shape[shard.dim] = shard.layout.size
-    packed = DTensor.from_local(local, shard.mesh, [Shard(shard.dim)], run_check=False, shape=torch.Size(shape),
-                                stride=torch.empty(shape, device="meta").stride())
-    param = nn.Parameter(packed, requires_grad=requires_grad)
-    setattr(param, _LOCAL, shard)
-    return param
 
 
 def replicated_parameter(param: torch.Tensor, mesh: DeviceMesh) -> nn.Parameter:
@@ -62,65 +50,69 @@ def replicated_parameter(param: torch.Tensor, mesh: DeviceMesh) -> nn.Parameter:
 
 
 def place_parameter(module: nn.Module, name: str, layout: Layout, dim: int, mesh: DeviceMesh) -> None:
-    """Replace ``module.name`` by its shard: a DTensor where a placement describes ``layout``, else
-    this rank's rows in rank order (``local_shard_parameter``). A layout that gives some rows to
-    several ranks keeps the whole tensor, replicated, and is remembered on the module
-    (``replicated_rows``): its module computes with this rank's rows of it (``rows_of_whole``)."""
+    """Replace ``module.name`` by its shard: one DTensor per part for a layout of several parts
+    (``tp.sharding.fused``; ``module.name`` then holds None outside the forward); a ``Shard``
+    DTensor for one part; the whole tensor, replicated, for one part some of whose rows go to
+    several ranks (the module computes with this rank's rows of it: ``local_rows``)."""
     param = getattr(module, name)
-    tp, rank = mesh.size(), mesh.get_local_rank()
     shard = LocalShard(layout, dim, mesh)
-    placement = layout.placement(dim, tp)
-    if layout.repeats_rows(tp):
-        placed = replicated_parameter(param, mesh)
-        setattr(placed, _PLACED, shard)
-    elif placement is not None:
-        placed = nn.Parameter(distribute_tensor(param.detach(), mesh, [placement], src_data_rank=None),
-                              requires_grad=param.requires_grad)
-        setattr(placed, _PLACED, shard)
+    if stored_in_parts(layout):
+        parts = split_into_parts(param.detach(), layout, dim, mesh)
+        module.register_parameter(name, None)
+        for part_name, part in zip(part_names(name, len(parts)), parts, strict=True):
+            module.register_parameter(part_name, nn.Parameter(part, requires_grad=param.requires_grad))
     else:
-        placed = local_shard_parameter(layout.shard(param.detach(), dim, tp, rank), shard,
-                                       requires_grad=param.requires_grad)
-    module.register_parameter(name, placed)
+        placed = (replicated_parameter(param, mesh) if layout.repeats_rows(mesh.size())
+                  else nn.Parameter(distribute_tensor(param.detach(), mesh, [Shard(dim)], src_data_rank=None),
+                                    requires_grad=param.requires_grad))
+        setattr(placed, _PLACED, shard)
+        module.register_parameter(name, placed)
     module.__dict__.setdefault(_LAYOUTS, {})[name] = shard
 
 
-def is_packed(shard: LocalShard) -> bool:
-    """Whether a parameter of this layout holds its rows in rank order, a permutation of the
-    original that only the layout gathers back (no placement describes it, no row repeats)."""
-    tp = shard.mesh.size()
-    return shard.layout.placement(shard.dim, tp) is None and not shard.layout.repeats_rows(tp)
+def module_layouts(module: nn.Module) -> dict[str, LocalShard]:
+    """Parameter name -> LocalShard of the module's own parameters placed by a layout."""
+    return module.__dict__.get(_LAYOUTS, {})
 
 
 def layouts_by_name(model: nn.Module) -> dict[str, LocalShard]:
-    """Full parameter name -> LocalShard of every parameter of ``model`` placed by a layout. Read
-    from the modules, so it survives what replaces the Parameter objects (``model.to()``, FSDP2)."""
+    """Full parameter name -> LocalShard of every parameter of ``model`` placed by a layout (a fused
+    one under its own name, though it is stored in parts). Read from the modules, so it survives
+    what replaces the Parameter objects (``model.to()``, FSDP2)."""
     return {f"{path}.{name}" if path else name: shard for path, module in model.named_modules()
-            for name, shard in module.__dict__.get(_LAYOUTS, {}).items()}
+            for name, shard in module_layouts(module).items()}
 
 
-def replicated_rows(module: nn.Module) -> dict[str, LocalShard]:
-    """Parameter name -> LocalShard of the module's parameters kept whole because their layout gives
-    some rows to several ranks."""
-    layouts = module.__dict__.get(_LAYOUTS, {})
-    return {name: shard for name, shard in layouts.items() if shard.layout.repeats_rows(shard.mesh.size())}
+def stored_parts(shard: LocalShard, name: str) -> list[str]:
+    """The names of the parameters that hold parameter ``name`` of this layout: its parts, or itself."""
+    return part_names(name, len(shard.layout.parts)) if stored_in_parts(shard.layout) else [name]
 
 
-def local_shard_of(param: torch.Tensor) -> LocalShard | None:
-    """The tag of a plain parameter that holds only this rank's rows, else None."""
-    return getattr(param, _LOCAL, None)
+def local_rows(module: nn.Module, name: str, param: torch.Tensor | None) -> torch.Tensor | None:
+    """What ``module``'s forward computes with for its parameter ``name`` (now ``param``): this rank's
+    rows of it, as a plain tensor whose gradient reaches the parameter(s) that store it."""
+    shard = module_layouts(module).get(name)
+    if shard is not None and stored_in_parts(shard.layout):
+        parts = [module._parameters[part] for part in stored_parts(shard, name)]
+        return joined_local(parts, shard.layout, shard.dim, shard.mesh)
+    if param is None:
+        return None
+    local = local_of(param)
+    if shard is not None and shard.layout.repeats_rows(shard.mesh.size()):
+        return rows_of_whole(local, shard.layout, shard.dim, shard.mesh)
+    return local
 
 
 def layout_of(param: torch.Tensor) -> LocalShard | None:
-    """The layout a parameter was sharded with, a DTensor's as well as a plain local shard's."""
-    return local_shard_of(param) or getattr(param, _PLACED, None)
+    """The layout a (one-part) parameter was sharded with."""
+    return getattr(param, _PLACED, None)
 
 
 def copy_tags(source: torch.Tensor, target: torch.Tensor) -> None:
     """Give ``target`` (a parameter replacing ``source``) the same tags."""
-    for tag in (_LOCAL, _PLACED):
-        if hasattr(source, tag):
-            setattr(target, tag, getattr(source, tag))
+    if hasattr(source, _PLACED):
+        setattr(target, _PLACED, getattr(source, _PLACED))
 
 
 def is_sharded(param: torch.Tensor) -> bool:
-    return isinstance(param, DTensor) or local_shard_of(param) is not None
+    return isinstance(param, DTensor)

@@ -28,8 +28,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 from ..errors import SizeError
 from ..sharding.collectives import to_local
 from ..sharding.layouts import Layout, Part
-from ..sharding.lending import lend_local_params, local_of, take_back_params
-from ..sharding.tags import place_parameter
+from ..sharding.lending import lend_local_params, take_back_params
+from ..sharding.tags import local_rows, place_parameter
 from .descriptor import Act, Args, PlainStyle, Style
 
 # parameter -> (dimension holding the intermediate features, parts packed along it)
@@ -69,8 +69,8 @@ class PackedExperts(PlainStyle):
     """Shard every expert of a packed experts module on its intermediate features.
 
     ``gate_up_proj`` keeps, for each expert, this rank's slice of the gate rows and of the up
-    rows (a ``_StridedShard`` on dim 1, so the DTensor is the original tensor); ``down_proj``
-    is sharded on dim 2. The module's own forward runs on the local shards: the routing
+    rows (stored as two parameters, ``gate_up_proj_part0`` and ``_part1``: tp/sharding/fused.py);
+    ``down_proj`` is sharded on dim 2. The module's own forward runs on the local shards: the routing
     weights and the hidden states come in replicated, the expert outputs leave partial and
     are all-reduced (or, with ``partial_output``, left as a partial DTensor for the enclosing
     block to reduce-scatter). Their input gradients are partial on each rank: the hidden states'
@@ -108,7 +108,7 @@ class PackedExperts(PlainStyle):
     def _lend_local(self, device_mesh, module, args, kwargs):
         args = tuple(self._replicated(a, device_mesh) for a in args)
         kwargs = {k: self._replicated(v, device_mesh) for k, v in kwargs.items()}
-        lend_local_params(module, EXPERT_PARAMS, lambda name, param: local_of(param))
+        lend_local_params(module, EXPERT_PARAMS, partial(local_rows, module))
         return args, kwargs
 
     def _take_back(self, device_mesh, module, args, output):

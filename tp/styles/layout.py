@@ -6,9 +6,8 @@ the rows each rank holds from a ``Layout`` (see tp/sharding/layouts.py), work fo
 GPT-2's ``Conv1D`` (weight stored ``[in, out]``) and ``nn.Conv1d``/``nn.Conv2d`` (channels;
 pytorch#133221), and run the module on local shards:
 
-* the weight is a DTensor whose global view is the original weight when a placement can
-  describe the layout (``Shard`` or ``_StridedShard``), else a plain tensor of this rank's
-  rows tagged with its layout (``LocalShard``) so ``tp.full_tensor`` can gather it back;
+* the weight is a DTensor whose global view is the original weight: sharded for one part, or
+  one DTensor per part for a fused weight (tp/sharding/fused.py);
 * during the module's forward its parameters are swapped for their local shards, so the
   module's own forward runs unchanged on them (nothing replaces ``forward``): DTensor's own
   sharding rules cannot do this for strided layouts, nor for convolutions, whose rules ignore
@@ -34,11 +33,11 @@ from torch.distributed.tensor import (
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..errors import PlanError, SizeError
-from ..sharding.collectives import rows_of_whole, to_local
+from ..sharding.collectives import to_local
 from ..sharding.heads import Heads
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_local_params, local_of, take_back_params
-from ..sharding.tags import place_parameter, replicated_rows
+from ..sharding.tags import local_rows, module_layouts, place_parameter
 
 try:  # GPT-2 style models store linear weights as [in, out] in this class.
     from transformers.pytorch_utils import Conv1D
@@ -180,13 +179,7 @@ class LayoutParallel(ParallelStyle):
     def _lend_local(self, device_mesh, module, args, kwargs):
         x, rebuild = first_input(type(self).__name__, module, args, kwargs)
         x = self._local_input(module, x, device_mesh)
-        replicated = replicated_rows(module)
-
-        def local(name, param):
-            out = self._local_param(name, param)
-            return rows_of_whole(out, replicated[name]) if name in replicated else out
-
-        lend_local_params(module, ("weight", "bias"), local)
+        lend_local_params(module, ("weight", "bias"), partial(self._local_param, module))
         return rebuild(x)
 
     def _take_back(self, device_mesh, module, args, output):
@@ -195,8 +188,8 @@ class LayoutParallel(ParallelStyle):
             return None
         return self._finish_output(module, output, lent, device_mesh)
 
-    def _local_param(self, name: str, param: torch.Tensor) -> torch.Tensor:
-        return local_of(param)
+    def _local_param(self, module: nn.Module, name: str, param: torch.Tensor | None) -> torch.Tensor | None:
+        return local_rows(module, name, param)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(parts={self.parts!r}, unit={self.unit!r})"
@@ -241,7 +234,7 @@ class ColwiseLayout(LayoutParallel):
     def _finish_output(self, module, output, lent, device_mesh):
         if self.use_local_output:
             return output
-        layout, _ = self.layouts(module)["weight"]
+        layout = module_layouts(module)["weight"].layout
         placement = layout.placement(feature_dim(module, output), device_mesh.size())
         if placement is None:
             raise PlanError(f"{type(self).__name__}: {type(module).__name__}'s layout has no DTensor placement "
@@ -279,13 +272,13 @@ class RowwiseLayout(LayoutParallel):
                 distribute_tensor(bias.detach(), device_mesh, [Replicate()], src_data_rank=None),
                 requires_grad=bias.requires_grad))
 
-    def _local_param(self, name, param):
-        if name == "bias":  # added once after the all-reduce, not to every rank's partial sum
+    def _local_param(self, module, name, param):
+        if name == "bias" and param is not None:  # added once after the all-reduce, not to every rank's partial sum
             return torch.zeros_like(local_of(param)).detach()
-        return super()._local_param(name, param)
+        return super()._local_param(module, name, param)
 
     def _local_input(self, module, x, device_mesh) -> torch.Tensor:
-        layout, _ = self.layouts(module)["weight"]
+        layout = module_layouts(module)["weight"].layout
         features = feature_dim(module, x)
         if isinstance(x, DTensor):
             wanted = layout.placement(features, device_mesh.size())

@@ -13,15 +13,16 @@ row-parallel: one all-reduce in the forward and one, for the input, in the backw
 
 from __future__ import annotations
 
+from functools import partial
+
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import parallelize_module
 
 from ..errors import SizeError
-from ..sharding.collectives import rows_of_whole
 from ..sharding.layouts import Layout, Part
-from ..sharding.lending import lend_during_forward, lend_local_params, local_of
-from ..sharding.tags import LocalShard, layout_of, place_parameter
+from ..sharding.lending import lend_during_forward, lend_local_params
+from ..sharding.tags import local_rows, module_layouts, place_parameter
 from .descriptor import Act, PlainStyle, Site, Style
 from .gathered_norm import GatheredNorm
 from .layout import ColwiseLayout
@@ -113,17 +114,12 @@ class Mamba2Mixer(PlainStyle):
             # with fewer groups than ranks a norm group spans ranks: the norm runs on gathered channels
             norm_style = ShardRows() if module.n_groups % tp == 0 else GatheredNorm()
             parallelize_module(module.norm, device_mesh, norm_style)
-        conv = {name: LocalShard(layouts[f"conv1d.{name}"][0], 0, device_mesh) for name in ("weight", "bias")
-                if f"conv1d.{name}" in layouts}
-        for name, shard in conv.items():
-            place_parameter(module.conv1d, name, shard.layout, 0, device_mesh)
-
-        def conv_rows(name, param):  # B and C rows held by several ranks: kept whole, rows taken per rank
-            local = local_of(param)
-            return rows_of_whole(local, conv[name]) if conv[name].layout.repeats_rows(tp) else local
-
+        conv = tuple(name for name in ("weight", "bias") if f"conv1d.{name}" in layouts)
+        for name in conv:
+            place_parameter(module.conv1d, name, layouts[f"conv1d.{name}"][0], 0, device_mesh)
         # the mixer reads conv1d's weight directly, without calling conv1d
-        lend_during_forward(module, lambda: lend_local_params(module.conv1d, tuple(conv), conv_rows), [module.conv1d])
+        lend_during_forward(module, lambda: lend_local_params(module.conv1d, conv, partial(local_rows, module.conv1d)),
+                            [module.conv1d])
         self._set_local_sizes(module, tp)
         return module
 
@@ -132,7 +128,7 @@ class Mamba2Mixer(PlainStyle):
         for attr in ("num_heads", "intermediate_size"):
             setattr(module, attr, getattr(module, attr) // tp)
         module.n_groups = max(module.n_groups // tp, 1)
-        shard = layout_of(module.conv1d.weight)
+        shard = module_layouts(module.conv1d).get("weight")
         channels = len(shard.layout.rows(tp, shard.mesh.get_local_rank())) if shard else module.conv1d.out_channels
         module.conv_dim = module.conv1d.in_channels = module.conv1d.out_channels = module.conv1d.groups = channels
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sharding.gather import full_tensor
+from ..sharding.gather import full_parameters, full_tensor
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,6 @@ def compare_training(spec: TrainingSpec) -> dict:
             opt.zero_grad()
             losses[name].append(full_tensor(loss).item())
     trained = dict(reference.named_parameters())
-    gaps = {name: (full_tensor(p.detach(), like=p) - trained[name].detach()).abs().max().item()
-            for name, p in model.named_parameters()}
+    gaps = {name: (p - trained[name].detach()).abs().max().item() for name, p in full_parameters(model).items()}
     worst = max(gaps, key=gaps.get)
     return {"losses": losses, "norms": norms, "worst_param": worst, "worst_param_gap": gaps[worst]}

@@ -24,7 +24,7 @@ from ..checks.compare import (
     model_inputs,
 )
 from ..plan.structure import find_blocks
-from ..sharding.gather import full_tensor
+from ..sharding.gather import full_parameters
 from .counter import CollectiveCounter
 from .launch import WorkerPool
 
@@ -201,8 +201,7 @@ def verify_rank(spec: VerifySpec) -> dict:
     with CollectiveCounter() as bwd:
         out.loss.backward()
 
-    mismatched = [name for name, param in model.named_parameters()
-                  if not torch.equal(full_tensor(param.detach(), like=param), originals[name])]
+    mismatched = [name for name, param in full_parameters(model).items() if not torch.equal(param, originals[name])]
     errors = gradient_errors(reference, model)
     worst_name = max(errors, key=errors.get, default="")
     c = report.collectives
