@@ -8,6 +8,7 @@ from typing import Unpack
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from .checks import sizes
 from .checks.report import Report
 from .errors import AlreadyShardedError, MeshError
 from .plan.versions import warn_if_untested
@@ -74,6 +75,8 @@ def apply(model: nn.Module, mesh: DeviceMesh, *, trial: bool = True, **options: 
     if resolved.inference is not None:
         resolved = fit(model, mesh, resolved, dict(options), trial)
     elif trial:
+        # sizes first: the trial's tiny twin has other sizes, and would refuse them less clearly or not at all
+        sizes.check(model, resolved, tp)
         tried = try_family_plan(model, mesh, resolved, dict(options))
     report = shard(model, mesh, resolved)
     report.trial = tried
