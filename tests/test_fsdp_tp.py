@@ -92,6 +92,12 @@ def _noise_rows(family: str, name: str, config) -> slice | None:
     # kv heads replicated over tp (kv=1 < tp=2): their gradient sum is part of the graph, so it
     # survives fully_shard replacing the Parameters
     pytest.param("llama", {"num_key_value_heads": 1}, id="llama-kv1"),
+    # kv groups interleaved with their query heads in query_key_value
+    pytest.param("falcon", {}, id="falcon"),
+    # multi-query fused query_key_value: its k and v parts stored whole (replicated), the q part sharded
+    pytest.param("falcon", {"new_decoder_architecture": False}, id="falcon-mqa"),
+    # localized filtering's convolutions sharded, v/o split in two head halves
+    pytest.param("yuan", {}, id="yuan"),
 ])
 def test_fsdp_tp_trains_like_unsharded(pool4, family, overrides):
     results = pool4.run(_train_fsdp_tp, family, overrides)
