@@ -11,11 +11,14 @@ The per-rank ``num_heads``/``num_kv_heads`` are set by the family's local_heads 
 multi-query, as tp.heads reads the ``multi_query`` flag).
 
 ALiBi (``alibi=True``, Falcon-RW) builds one bias per head outside the attention and passes
-every layer the whole ``alibi`` (``[batch, heads, 1, kv]``) and an attention mask with the
-bias folded in (``[batch, heads, q, kv]``); ``head_input`` narrows both to the rank's heads:
-the mask on the decoder layer (it only passes it on to the attention), the alibi on the
-attention, since a module takes one style.
+every layer an attention mask with the bias folded in (``[batch, heads, q, kv]``) and, up to
+transformers 5.24, the whole ``alibi`` (``[batch, heads, 1, kv]``) too; ``head_input`` narrows
+them to the rank's heads: the mask on the decoder layer (it only passes it on to the
+attention), the alibi on the attention where its forward takes one, since a module takes one
+style.
 """
+
+import inspect
 
 QKV = "h.*.self_attention.query_key_value"
 
@@ -30,5 +33,11 @@ def plan(model):
         entries = {QKV: {"style": "colwise", "unit": "head"}}
     if getattr(config, "alibi", False):
         entries["h.*"] = {"style": "head_input", "kwarg": "attention_mask", "head_dim": 1}
-        entries["h.*.self_attention"] = {"style": "head_input", "kwarg": "alibi", "head_dim": 1}
+        if _attention_takes_alibi(model):
+            entries["h.*.self_attention"] = {"style": "head_input", "kwarg": "alibi", "head_dim": 1}
     return entries
+
+
+def _attention_takes_alibi(model) -> bool:
+    attention = next(module for name, module in model.named_modules() if name.endswith("self_attention"))
+    return "alibi" in inspect.signature(type(attention).forward).parameters
