@@ -79,7 +79,7 @@ def test_an_untested_transformers_release_is_warned_about_once(monkeypatch):
 
     versions.warn_if_untested.cache_clear()
     monkeypatch.setattr(transformers, "__version__", "9.1.0")
-    with pytest.warns(UserWarning, match=r"transformers 9.1.0 is not a release tp was tested with \(5.23, 5.24\)"):
+    with pytest.warns(UserWarning, match=r"transformers 9.1.0 is not a release tp was tested with \(5.23, 5.24, 5.25\)"):
         versions.warn_if_untested()
     with warnings.catch_warnings(record=True) as again:
         warnings.simplefilter("always")

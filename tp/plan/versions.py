@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import warnings
 
-TESTED_TRANSFORMERS = ("5.23", "5.24")  # major.minor; CI runs the suite on the first and the last
+TESTED_TRANSFORMERS = ("5.23", "5.24", "5.25")  # major.minor; CI runs the suite on the first and the last
 
 
 @functools.cache
