@@ -89,7 +89,8 @@ class CollectiveTrace(CollectiveCounter):
         if out is not NotImplemented and packet in self._collectives:
             record = self.records[(self.phase, self.place, short_name(packet))]
             record[0] += 1
-            record[1] += max(_tensor_bytes(args), _tensor_bytes(out))
+            # the largest buffer: an all-gather's output list counts once, not again with its input
+            record[1] += max(*(_tensor_bytes(arg) for arg in args), _tensor_bytes(out))
         return out
 
 
