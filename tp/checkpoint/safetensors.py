@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from ..errors import CheckpointError
 from ..parallelize import apply
 from ..sharding.gather import full_state_dict
-from ..sharding.tags import copy_tags, layouts_by_name, stored_parts
+from ..sharding.tags import copy_tags, fused_in_parts
 from ..sharding.ties import retie, tied_groups
 from .atomic import save_directory
 from .conversion import Reader, Source, read_converted, sources
@@ -107,11 +107,9 @@ def _targets(model: nn.Module, params: list[tuple[str, torch.Tensor]]) -> list[_
     """The tensors of the unsharded model that ``params`` store, each once."""
     by_name = dict(params)
     stored_in = {}
-    for name, shard in layouts_by_name(model).items():
-        path = name.rpartition(".")[0]
-        parts = [f"{path}.{part}" if path else part for part in stored_parts(shard, name.rpartition(".")[2])]
-        if parts != [name] and parts[0] in by_name:
-            stored_in.update({part: (name, parts, shard.dim) for part in parts})
+    for name, (parts, dim) in fused_in_parts(model).items():
+        if parts[0] in by_name:
+            stored_in.update({part: (name, parts, dim) for part in parts})
     targets, done = [], set()
     for name, param in params:
         if name not in stored_in:

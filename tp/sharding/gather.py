@@ -8,7 +8,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from .fused import joined_whole
-from .tags import layouts_by_name, stored_parts
+from .tags import fused_in_parts
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -23,11 +23,10 @@ def full_parameters(model: nn.Module, *, grads: bool = False) -> dict[str, torch
     rank, under the names of the unsharded model: a fused parameter's parts are joined (a collective)."""
     out = {name: _whole(param.grad if grads else param.detach())
            for name, param in model.named_parameters()}
-    for name, shard in layouts_by_name(model).items():
-        parts = [_sibling(name, part) for part in stored_parts(shard, name.rpartition(".")[2])]
-        if parts != [name] and parts[0] in out:
+    for name, (parts, dim) in fused_in_parts(model).items():
+        if parts[0] in out:
             values = [out[part] for part in parts]
-            joined = None if any(v is None for v in values) else joined_whole(values, shard.dim)
+            joined = None if any(v is None for v in values) else joined_whole(values, dim)
             out = _replaced(out, parts, name, joined)
     return out
 
@@ -49,20 +48,14 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     try:
         unsharded = {**state, **dict(model.named_parameters(remove_duplicate=False))}
         full = {name: full_tensor(unsharded[name].detach()) for name in state}
-        for name, shard in layouts_by_name(model).items():
-            parts = [_sibling(name, part) for part in stored_parts(shard, name.rpartition(".")[2])]
-            if parts != [name] and parts[0] in full:
-                full = _replaced(full, parts, name, joined_whole([full[part] for part in parts], shard.dim))
+        for name, (parts, dim) in fused_in_parts(model).items():
+            if parts[0] in full:
+                full = _replaced(full, parts, name, joined_whole([full[part] for part in parts], dim))
         # a parameter FSDP holds unsharded may be its all-gather buffer itself, freed by reshard()
         return {name: value.clone() for name, value in full.items()} if fsdp else full
     finally:
         for unit in fsdp:
             unit.reshard()
-
-
-def _sibling(name: str, attr: str) -> str:
-    path = name.rpartition(".")[0]
-    return f"{path}.{attr}" if path else attr
 
 
 def _replaced(state: dict, parts: list[str], name: str, value) -> dict:

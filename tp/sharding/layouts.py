@@ -15,9 +15,9 @@ A part with fewer units than ranks (the kv heads of GQA with TP > kv heads, or t
 kv head of multi-query attention) is replicated: rank ``r`` holds unit ``r * units // tp``,
 so every rank holds the kv head its query heads use.
 
-Where the slices can be described by a DTensor placement (one part: ``Shard``; equal parts:
-``_StridedShard``), the parameter is a DTensor whose global view is the original tensor.
-Otherwise the layout gathers the rows back (tp/sharding/tags.py says how each kind is stored).
+How the parameter is stored (one ``Shard`` DTensor, one DTensor per part, or whole where rows
+repeat) is tp/sharding/tags.py's. ``placement`` says which DTensor placement, if any, describes
+an activation laid out like the weight's rows (one part: ``Shard``; equal parts: ``_StridedShard``).
 
 Example::
     >>> qkv = Layout((Part(8, 4), Part(2, 4, replicable=True), Part(2, 4, replicable=True)))
@@ -30,7 +30,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import Placement, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -131,16 +130,3 @@ class Layout:
     def shard(self, tensor: torch.Tensor, dim: int, tp: int, rank: int) -> torch.Tensor:
         index = torch.tensor(self.rows(tp, rank), device=tensor.device)
         return tensor.index_select(dim, index).contiguous()
-
-    def gather(self, local: torch.Tensor, dim: int, group=None) -> torch.Tensor:
-        """The full tensor from every rank's slice (a collective: every rank must call it)."""
-        tp = dist.get_world_size(group)
-        pieces = [torch.empty_like(local) for _ in range(tp)]
-        dist.all_gather(pieces, local.contiguous(), group=group)
-        shape = list(local.shape)
-        shape[dim] = self.size
-        full = local.new_empty(shape)
-        for rank, piece in enumerate(pieces):
-            index = torch.tensor(self.rows(tp, rank), device=local.device)
-            full.index_copy_(dim, index, piece)
-        return full

@@ -88,6 +88,17 @@ def stored_parts(shard: LocalShard, name: str) -> list[str]:
     return part_names(name, len(shard.layout.parts)) if stored_in_parts(shard.layout) else [name]
 
 
+def fused_in_parts(model: nn.Module) -> dict[str, tuple[list[str], int]]:
+    """Full name of each fused parameter of ``model`` stored in parts -> (the full names of its
+    parts, in order; the dimension they are joined along)."""
+    out = {}
+    for name, shard in layouts_by_name(model).items():
+        if stored_in_parts(shard.layout):
+            path, _, attr = name.rpartition(".")
+            out[name] = ([f"{path}.{part}" if path else part for part in stored_parts(shard, attr)], shard.dim)
+    return out
+
+
 def local_rows(module: nn.Module, name: str, param: torch.Tensor | None) -> torch.Tensor | None:
     """What ``module``'s forward computes with for its parameter ``name`` (now ``param``): this rank's
     rows of it, as a plain tensor whose gradient reaches the parameter(s) that store it."""
