@@ -8,8 +8,8 @@ mean: each dp rank trains on its rows) matches the uninterrupted run's within 1e
 the weights and the optimizer's moments came back in place (without the moments, phi3's second
 step after resuming is off by 3e-4). The same without FSDP, TP 2 -> TP 4, through the user's own
 dcp.save / dcp.load on tp.dcp.TrainingState.
-A checkpoint of torch's own get_state_dict saved with dcp.save holds phi3's fused weights in the
-order of the TP size it was saved at: tp.dcp.load refuses it rather than scrambling them.
+torch's own get_state_dict saved with dcp.save at TP 2 loads at TP 4 with dcp.load and
+set_state_dict alone, phi3's fused weights included (stored one DTensor per part).
 """
 
 import pytest

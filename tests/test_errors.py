@@ -42,14 +42,13 @@ def _outcome(fn) -> dict:
 # Rank functions (run on every rank of a pool)
 
 
-GQA_12_4 = dict(num_attention_heads=12, num_key_value_heads=4, hidden_size=96, head_dim=8)
-GQA_12_3 = dict(GQA_12_4, num_key_value_heads=3)
+GQA_6_3 = dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48, head_dim=8)
 
 
 def _rank_apply_indivisible_heads() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
-    model = tp.testing.models.tiny_model("llama", **GQA_12_3)
+    model = tp.testing.models.tiny_model("llama", **GQA_6_3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
     out = _outcome(lambda: tp.apply(model, mesh))
@@ -90,23 +89,21 @@ def _rank_apply_2d_mesh() -> dict:
 
 
 def test_indivisible_heads_resolve_and_check():
-    # 12 query heads in 4 GQA groups of 3: tp=3 would cut groups apart, so it is refused.
-    model = tp.testing.models.tiny_model("llama", **GQA_12_4)
-    resolved = tp.resolve(model, 3)
+    # 6 query heads in 3 GQA groups: tp=4 splits neither the query heads nor the kv heads, so it is refused.
+    model = tp.testing.models.tiny_model("llama", **GQA_6_3)
+    resolved = tp.resolve(model, 4)
     with pytest.raises(tp.SizeError) as info:
-        tp.checks.sizes.check(model, resolved, 3)
+        tp.checks.sizes.check(model, resolved, 4)
     message = str(info.value)
-    assert "tp=3" in message
+    assert "model.layers.*.self_attn.q_proj: heads (48 / head_dim 8) = 6 does not divide by tp=4" in message
     assert "model.layers.*.self_attn.k_proj" in message and "model.layers.*.self_attn.v_proj" in message
-    assert "4 heads of 8 rows do not divide by tp=3 nor does tp divide by it" in message
-    # The TP sizes that would work are listed: 4 kv heads split over 1, 2, 4 ranks or replicated over 12
-    # (the MLP's intermediate features split unevenly where they do not divide).
-    assert message.rstrip().endswith(": 1, 2, 4, 12")
+    assert "kv heads: 3 heads of 8 rows do not divide by tp=4 nor does tp divide by it" in message
+    # The TP sizes that would work are listed: 3 kv heads split over 1 or 3 ranks, replicated over 6,
+    # or held by need at 2 (rank 0's query heads 0-2 read kv heads 0, 0, 1)
+    assert message.rstrip().endswith(": 1, 2, 3, 6")
     # One line per module pattern, not one per layer.
     assert message.count("k_proj") == 1
-    # q_proj (12 heads) divides by 3 and is not blamed.
-    assert "q_proj" not in message
-    # tp=2 is fine.
+    # tp=2 is fine: the kv heads are held by need.
     tp.checks.sizes.check(model, resolved, 2)
 
 
@@ -131,8 +128,8 @@ def test_indivisible_heads_apply_on_4_ranks(pool4):
         message = out["message"]
         assert "self_attn.k_proj" in message and "tp=4" in message
         assert "kv heads: 3 heads" in message
-        # 3 kv heads split over 3 ranks or replicated over 6 and 12 (the MLP's features split unevenly)
-        assert message.rstrip().endswith("TP sizes that divide every sharded size of this model: 1, 3, 6, 12")
+        # 3 kv heads split over 3 ranks, replicated over 6 or held by need at 2; 6 query heads allow no more
+        assert message.rstrip().endswith("TP sizes that divide every sharded size of this model: 1, 2, 3, 6")
         # Early: raised before anything was sharded.
         assert not out["sharded_after_error"] and out["unchanged"]
     assert len({out["message"] for out in results}) == 1

@@ -44,10 +44,6 @@ def _local_sizes(layout: Layout, tp: int, rank: int) -> list[int]:
     return [len(part.local_units(tp, rank)) * part.unit_rows for part in layout.parts]
 
 
-def _repeats(part: Part, tp: int) -> bool:
-    return tp > 1 and part.units < tp
-
-
 def split_into_parts(tensor: torch.Tensor, layout: Layout, dim: int, mesh: DeviceMesh) -> list[DTensor]:
     """The parts of the whole ``tensor``, as DTensors on ``mesh``. Where no part repeats rows over
     ranks, their local tensors are views of one buffer of this rank's rows, in the layout's order."""
@@ -55,7 +51,7 @@ def split_into_parts(tensor: torch.Tensor, layout: Layout, dim: int, mesh: Devic
     wholes = tensor.split([part.rows for part in layout.parts], dim=dim)
     if layout.repeats_rows(tp):
         # each part alone: the ones shared by several ranks whole, the others this rank's rows
-        return [DTensor.from_local(whole.contiguous(), mesh, [Replicate()], run_check=False) if _repeats(part, tp)
+        return [DTensor.from_local(whole.contiguous(), mesh, [Replicate()], run_check=False) if part.repeats(tp)
                 else _sharded_part(whole.chunk(tp, dim=dim)[rank].contiguous(), whole.shape, dim, mesh)
                 for part, whole in zip(layout.parts, wholes, strict=True)]
     buffer = layout.shard(tensor, dim, tp, rank)
@@ -76,7 +72,7 @@ def joined_local(parts: list[torch.Tensor], layout: Layout, dim: int, mesh: Devi
     locals_ = [part.to_local() if isinstance(part, DTensor) else part for part in parts]
     if layout.repeats_rows(tp):
         # each rank computes with its rows of the shared parts; their gradients are summed in one all-reduce
-        shared = [i for i, part in enumerate(layout.parts) if _repeats(part, tp)]
+        shared = [i for i, part in enumerate(layout.parts) if part.repeats(tp)]
         wholes = [locals_[i] for i in shared]
         if any(whole.requires_grad for whole in wholes):
             wholes = f_together(wholes, mesh.get_group())

@@ -17,18 +17,27 @@ class Heads:
     kv: int
     dim: int
 
+    def by_need(self, tp: int) -> bool:
+        """Whether each rank holds the kv head of each of its query heads (one per query head),
+        because the kv heads neither split over ``tp`` nor divide it (tp/sharding/layouts.py)."""
+        return self.kv % tp != 0 and tp % self.kv != 0 and self.q % tp == 0 and self.q % self.kv == 0
+
     def local(self, tp: int) -> Heads:
-        """Heads on one rank: kv heads are replicated when there are fewer of them than ranks."""
+        """Heads on one rank: kv heads are replicated when there are fewer of them than ranks, and
+        held one per query head when they neither split nor divide the ranks."""
+        if self.by_need(tp):
+            return Heads(self.q // tp, self.q // tp, self.dim)
         return Heads(self.q // tp, max(self.kv // tp, 1), self.dim)
 
     def problems(self, tp: int) -> list[str]:
         found = []
         if self.q % tp:
             found.append(f"{self.q} attention heads do not divide by tp={tp}")
-        elif self.kv % tp and tp % self.kv:
+        elif self.kv % tp and tp % self.kv and not self.by_need(tp):
             found.append(
-                f"{self.kv} key/value heads cannot be split over tp={tp} ranks (tp must divide them) "
-                f"nor replicated (tp must be a multiple of them), so GQA groups would be cut apart")
+                f"{self.kv} key/value heads cannot be split over tp={tp} ranks (tp must divide them), "
+                f"replicated (tp must be a multiple of them) nor held by need ({self.q} query heads "
+                "must be a multiple of them)")
         return found
 
     def at(self, attention) -> Heads:

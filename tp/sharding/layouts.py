@@ -13,7 +13,10 @@ layout of that one part may: the parts of a fused weight must split evenly, and 
 
 A part with fewer units than ranks (the kv heads of GQA with TP > kv heads, or the single
 kv head of multi-query attention) is replicated: rank ``r`` holds unit ``r * units // tp``,
-so every rank holds the kv head its query heads use.
+so every rank holds the kv head its query heads use. kv heads that neither divide by the TP size
+nor divide it (3 kv heads for 6 query heads at TP=2: rank 0's query heads 0-2 read kv heads 0, 0
+and 1) are held by need: a part that ``serves`` that many query heads gives each rank the kv head
+of each of its query heads, in order, so the rank's attention has one kv head per query head.
 
 How the parameter is stored (one ``Shard`` DTensor, one DTensor per part, or whole where rows
 repeat) is tp/sharding/tags.py's. ``placement`` says which DTensor placement, if any, describes
@@ -27,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +50,16 @@ class Part:
     multiple: int = 1  # each rank's units must be a multiple of this (a kernel's alignment) ...
     why_multiple: str = ""  # ... for this reason
     uneven: bool = False  # alone in its layout, it may split as torch.chunk does (rows nothing groups)
+    serves: int = 0  # kv heads: the query heads they serve, each rank's held by need when no even split exists
+
+    def by_need(self, tp: int) -> bool:
+        """Whether each rank holds the units its ``serves`` query heads read (one per query head)."""
+        return (self.replicable and self.serves > 0 and self.units % tp != 0 and tp % self.units != 0
+                and self.serves % tp == 0 and self.serves % self.units == 0)
+
+    def repeats(self, tp: int) -> bool:
+        """Whether some of its units go to more than one rank."""
+        return tp > 1 and (self.units < tp or self.by_need(tp))
 
     @property
     def rows(self) -> int:
@@ -62,7 +76,7 @@ class Part:
                 return (f"{self.name}: {per_rank} {self.unit} per rank at tp={tp} are not a multiple of "
                         f"{self.multiple}, {self.why_multiple}")
             return None
-        if self.replicable and tp % self.units == 0:
+        if self.replicable and (tp % self.units == 0 or self.by_need(tp)):
             return None
         if self.uneven and alone and self.multiple == 1:
             if len(self.local_units(tp, tp - 1)):
@@ -76,10 +90,14 @@ class Part:
         how = " nor does tp divide by it (to replicate them)" if self.replicable else ""
         return f"{self.name}: {self.units} {self.unit} of {self.unit_rows} rows do not divide by tp={tp}{how}"
 
-    def local_units(self, tp: int, rank: int) -> range:
+    def local_units(self, tp: int, rank: int) -> Sequence[int]:
         """The units rank ``rank`` holds: a block of ``ceil(units / tp)`` in rank order, as
-        torch.chunk splits (equal blocks when ``tp`` divides ``units``), or the one unit it shares
-        with other ranks when a replicable part has fewer units than ranks."""
+        torch.chunk splits (equal blocks when ``tp`` divides ``units``), the one unit it shares
+        with other ranks when a replicable part has fewer units than ranks, or, held by need, the
+        unit of each query head the rank computes."""
+        if self.by_need(tp):
+            per_rank, per_unit = self.serves // tp, self.serves // self.units
+            return [head // per_unit for head in range(rank * per_rank, (rank + 1) * per_rank)]
         if self.units < tp and self.replicable:
             unit = rank * self.units // tp
             return range(unit, unit + 1)
@@ -115,7 +133,7 @@ class Layout:
 
     def repeats_rows(self, tp: int) -> bool:
         """Whether some rows go to more than one rank (a part with fewer units than ranks)."""
-        return tp > 1 and any(p.units < tp for p in self.parts)
+        return any(p.repeats(tp) for p in self.parts)
 
     def placement(self, dim: int, tp: int) -> Placement | None:
         """The DTensor placement that gives exactly these slices, or None if there is none."""
