@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+from .layouts import Part
+
 Q_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
 KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
 
@@ -19,8 +21,8 @@ class Heads:
 
     def by_need(self, tp: int) -> bool:
         """Whether each rank holds the kv head of each of its query heads (one per query head),
-        because the kv heads neither split over ``tp`` nor divide it (tp/sharding/layouts.py)."""
-        return self.kv % tp != 0 and tp % self.kv != 0 and self.q % tp == 0 and self.q % self.kv == 0
+        because the kv heads neither split over ``tp`` nor divide it (``Part.by_need``)."""
+        return Part(self.kv, self.dim, replicable=True, serves=self.q).by_need(tp)
 
     def local(self, tp: int) -> Heads:
         """Heads on one rank: kv heads are replicated when there are fewer of them than ranks, and
