@@ -84,6 +84,7 @@ def main() -> None:
                 Path(args.write_losses).write_text(json.dumps(log))
             else:
                 print(json.dumps(log))
+        dist.barrier()  # no rank tears its groups down while another still talks to it
         dist.destroy_process_group()
         return
     with tempfile.TemporaryDirectory() as out:
