@@ -3,6 +3,8 @@ ALLREDUCE/KEEP lists over them, and the shared block inputs derived from the res
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from ..errors import PlanError
@@ -78,3 +80,15 @@ def derive_block_inputs(model: nn.Module, decisions: dict[str, Decision], regist
     order = {path: i for i, path in enumerate(paths)}
     for block in sorted(blocks - {""} - set(decisions), key=order.__getitem__):
         decisions[block] = Decision(block, BLOCK_INPUT, "derived")
+    _keep_dtensor_block_inputs(decisions)
+
+
+def _keep_dtensor_block_inputs(decisions: dict[str, Decision]) -> None:
+    """A block input stays a DTensor, even where it needs no gradient, when a module inside its
+    block computes on DTensors: a plain input there would meet them (``dtensor_always``)."""
+    for block, decision in list(decisions.items()):
+        if not decision.style.style.shares_input:
+            continue
+        inside = (d for path, d in decisions.items() if path.startswith(f"{block}.") or not block)
+        if any(d.style.style.computes_on_dtensors(d.style.options) for d in inside):
+            decisions[block] = replace(decision, style=decision.style.with_args(dtensor_always=True))

@@ -14,7 +14,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.distributed.tensor._utils import compute_global_tensor_info
 
 
@@ -55,6 +55,26 @@ class _ReduceGradsTogether(torch.autograd.Function):
         flat = torch.cat([grad.reshape(-1) for grad in grads])
         dist.all_reduce(flat, group=ctx.group)
         return None, *(piece.view_as(grad) for piece, grad in zip(flat.split([g.numel() for g in grads]), grads))
+
+
+def mesh_group(mesh):
+    """The process group of a 1-D ``mesh`` the collectives run on; None on one rank, where there is nothing to sum."""
+    return mesh.get_group() if mesh.size() > 1 else None
+
+
+def replicated_input(x: torch.Tensor, group) -> torch.Tensor:
+    """The local tensor a column-parallel module computes with, from its replicated input ``x``.
+
+    A DTensor (a block input shared by several linears, ``block_input``) is read locally with its
+    gradient marked partial, so that the DTensor sums the gradients of all its readers at once; a
+    plain tensor that needs a gradient gets ``f``; one that needs none (decoding under ``no_grad``)
+    is used as it is. ``group`` is None on one rank, where there is nothing to sum.
+    """
+    if isinstance(x, DTensor):
+        if tuple(x.placements) != (Replicate(),):
+            x = x.redistribute(x.device_mesh, [Replicate()])
+        return x.to_local(grad_placements=[Partial()])
+    return f(x, group) if x.requires_grad and group is not None else x
 
 
 def f_together(xs: list[torch.Tensor], group) -> list[torch.Tensor]:

@@ -33,7 +33,7 @@ from torch.distributed.tensor import (
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..errors import PlanError, SizeError
-from ..sharding.collectives import to_local
+from ..sharding.collectives import mesh_group, replicated_input, to_local
 from ..sharding.heads import Heads
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_local_params, local_of, take_back_params
@@ -225,12 +225,7 @@ class ColwiseLayout(LayoutParallel):
             module.nf = len(layout.rows(device_mesh.size(), device_mesh.get_local_rank()))
 
     def _local_input(self, module, x, device_mesh) -> torch.Tensor:
-        if not isinstance(x, DTensor):
-            # Replicate first so that the input gradient, partial on each rank, is summed.
-            x = DTensor.from_local(x, device_mesh, [Replicate()], run_check=False)
-        elif tuple(x.placements) != (Replicate(),):
-            x = x.redistribute(device_mesh, [Replicate()])
-        return x.to_local(grad_placements=[Partial()])
+        return replicated_input(x, mesh_group(device_mesh))
 
     def _finish_output(self, module, output, lent, device_mesh):
         if self.use_local_output:

@@ -269,7 +269,8 @@ ROWWISE = Style(
     reads=Act.FEATURES, leaves=lambda args: Act.SEQUENCE if _sequence(args) else Act.REPLICATED,
     sharded_dims=_dims({nn.Linear: {"weight": 1}}), layouts=_by_layout(build_rowwise),
     collectives=lambda site: (1, int(_sequence(site.args))), takes_sequence_dim=True,
-    uneven_ok=lambda args: not _sequence(args) and args.local_output)
+    uneven_ok=lambda args: not _sequence(args) and args.local_output,
+    computes_on_dtensors=lambda args: not args.local_output)
 
 ROWWISE_INTO_SHARDED = Style(
     name="rowwise_into_sharded", build=lambda site: RowwiseIntoSharded(), supports=(nn.Linear,),

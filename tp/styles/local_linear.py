@@ -20,10 +20,10 @@ from functools import partial
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from ..sharding.collectives import f, g, gather_last_dim
+from ..sharding.collectives import g, gather_last_dim, mesh_group, replicated_input
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_local_params, local_of, take_back_params
 from ..sharding.tags import place_parameter, replicated_parameter
@@ -44,11 +44,6 @@ def shard_vocab_rows(module: nn.Module, name: str, mesh: DeviceMesh) -> None:
                                                  requires_grad=param.requires_grad))
 
 
-def _group(mesh: DeviceMesh):
-    """The process group the collectives run on; None on one rank, where there is nothing to sum."""
-    return mesh.get_group() if mesh.size() > 1 else None
-
-
 class LocalColwise(ParallelStyle):
     """A column-parallel ``nn.Linear`` on local tensors: output features sharded.
 
@@ -64,19 +59,14 @@ class LocalColwise(ParallelStyle):
         for name in ("weight", "bias"):
             if getattr(module, name, None) is not None:
                 _place_rows(module, name, 0, device_mesh)
-        module.register_forward_pre_hook(partial(self._lend, _group(device_mesh)), with_kwargs=True)
+        module.register_forward_pre_hook(partial(self._lend, mesh_group(device_mesh)), with_kwargs=True)
         module.register_forward_hook(lambda mod, args, out: take_back_params(mod) and None, always_call=True)
         return module
 
     @staticmethod
     def _lend(group, module, args, kwargs):
         x, rebuild = first_input("LocalColwise", module, args, kwargs)
-        if isinstance(x, DTensor):
-            if tuple(x.placements) != (Replicate(),):
-                x = x.redistribute(x.device_mesh, [Replicate()])
-            x = x.to_local(grad_placements=[Partial()])
-        elif x.requires_grad and group is not None:
-            x = f(x, group)
+        x = replicated_input(x, group)
         lend_local_params(module, ("weight", "bias"), lambda name, param: local_of(param))
         return rebuild(x)
 
@@ -97,7 +87,7 @@ class LocalRowwise(ParallelStyle):
         if module.bias is not None:
             module.register_parameter("bias", replicated_parameter(module.bias, device_mesh))
         module.register_forward_pre_hook(self._lend, with_kwargs=True)
-        module.register_forward_hook(partial(self._reduce, _group(device_mesh)), always_call=True)
+        module.register_forward_hook(partial(self._reduce, mesh_group(device_mesh)), always_call=True)
         return module
 
     @staticmethod
@@ -137,7 +127,7 @@ class LocalLmHead(ParallelStyle):
         for name in ("weight", "bias"):
             if getattr(module, name, None) is not None:
                 shard_vocab_rows(module, name, device_mesh)
-        group = _group(device_mesh)
+        group = mesh_group(device_mesh)
         module.register_forward_pre_hook(partial(LocalColwise._lend, group), with_kwargs=True)
         module.register_forward_hook(partial(self._gather, group, module.out_features), always_call=True)
         return module

@@ -44,13 +44,16 @@ class ReplicateBlockInput(ParallelStyle):
     all-gather of the sequence: a sequence-sharded DTensor input is gathered here once). When q, k and v (or gate and up)
     each wrap the same plain tensor, each one all-reduces its own input gradient in the
     backward; sharing one DTensor lets autograd sum the partial gradients first, so the block
-    costs a single all-reduce in the backward.
+    costs a single all-reduce in the backward. An input that needs no gradient (decoding under
+    ``no_grad``) has none to sum and stays a plain tensor.
 
     The input is the first positional tensor argument, or the keyword argument ``kwarg`` when
     the block is called with keywords only (as Hugging Face decoder layers call attention).
 
     Keyword Args:
         kwarg (str): the keyword that carries the block input. Default: ``"hidden_states"``.
+        dtensor_always (bool): keep an input that needs no gradient a replicated DTensor too, for
+            a block in which a module computes on DTensors (``replicate``). Default: False.
 
     Example::
         >>> plan = {
@@ -63,8 +66,8 @@ class ReplicateBlockInput(ParallelStyle):
         >>> parallelize_module(model, mesh, plan)
     """
 
-    def __init__(self, *, kwarg: str = "hidden_states"):
-        self.kwarg = kwarg
+    def __init__(self, *, kwarg: str = "hidden_states", dtensor_always: bool = False):
+        self.kwarg, self.dtensor_always = kwarg, dtensor_always
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         def replicate(x):
@@ -73,6 +76,8 @@ class ReplicateBlockInput(ParallelStyle):
             if isinstance(x, DTensor):
                 # sequence parallel: one all-gather of the sequence, shared by all the linears
                 return x if tuple(x.placements) == (Replicate(),) else x.redistribute(device_mesh, [Replicate()])
+            if not x.requires_grad and not self.dtensor_always:
+                return x  # no input gradient to sum (decoding under no_grad): its readers take it as it is
             return DTensor.from_local(x, device_mesh, [Replicate()], run_check=False)
 
         def hook(mod, args, kwargs):
@@ -89,7 +94,7 @@ class ReplicateBlockInput(ParallelStyle):
         return module
 
     def __repr__(self) -> str:
-        return f"ReplicateBlockInput(kwarg={self.kwarg!r})"
+        return f"ReplicateBlockInput(kwarg={self.kwarg!r}, dtensor_always={self.dtensor_always!r})"
 
 
 class ReplicatedRegion(PlainStyle):
@@ -118,6 +123,8 @@ class ReplicatedRegion(PlainStyle):
 
 class BlockInputArgs(Args):
     kwarg: str = Field("hidden_states", description="the keyword that carries the block input")
+    dtensor_always: bool = Field(False, description="set by the plan: the input stays a replicated DTensor even "
+                                 "where it needs no gradient, for a module inside that computes on DTensors")
 
 
 KEEP = Style(
@@ -128,12 +135,14 @@ KEEP = Style(
 REPLICATE = Style(
     name="replicate", build=lambda site: ReplicatedRegion(),
     doc="whole on every rank as replicated DTensors inside a sharded block (gradients summed)",
-    reads=Act.REPLICATED, leaves=Act.REPLICATED, collectives=lambda site: (0, 1))
+    reads=Act.REPLICATED, leaves=Act.REPLICATED, collectives=lambda site: (0, 1),
+    computes_on_dtensors=lambda args: True)
 
 # With sequence parallelism its input is all-gathered once; its input gradient is all-reduced once.
 # Inside another shared block its input is already a replicated DTensor: no collective.
 BLOCK_INPUT = Style(
-    name="block_input", build=lambda site: ReplicateBlockInput(kwarg=site.args.kwarg), args=BlockInputArgs,
+    name="block_input", build=lambda site: ReplicateBlockInput(kwarg=site.args.kwarg, dtensor_always=site.args.dtensor_always),
+    args=BlockInputArgs,
     doc="a block's input replicated once for all its column-parallel linears",
     reads=lambda args: Act.REPLICATED, leaves=Act.REPLICATED, shares_input=True,
     collectives=lambda site: (int(site.sequence_parallel and site.plain_input), int(site.plain_input)))
