@@ -2,7 +2,8 @@
 
 * ``new_decoder_architecture`` (Falcon-40B/180B): rows grouped per kv head,
   ``[num_kv_heads, q_per_kv + 2, head_dim]`` (the group's query heads, then its k and v), so
-  whole groups are split: ``unit = "group"``; tp must divide num_kv_heads.
+  whole groups are split: ``unit = "group"``. With fewer groups than ranks, the ranks of a group
+  share its k and v, each with its share of the group's query heads (``Part.splits_groups``).
 * old architecture with ``multi_query`` (Falcon-7B, the config default): ``[q (H heads); k (1);
   v (1)]``; the single k/v head is replicated on every rank, its gradient summed.
 * old architecture without ``multi_query``: per-head ``[H, 3, head_dim]``: ``unit = "head"``.

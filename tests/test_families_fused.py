@@ -18,16 +18,21 @@ import inspect
 import re
 
 import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from transformers.models.falcon.modeling_falcon import FalconAttention
 
 import tp
 import tp.checks.sizes
 import tp.testing.models
+from tp.sharding.layouts import Part
 from tp.testing.verify import VerifyResult
 
 FALCON_SIZES = {"hidden_size": 64, "num_attention_heads": 8, "num_hidden_layers": 2, "ffn_hidden_size": 128,
                 "vocab_size": 256, "max_position_embeddings": 128, "pad_token_id": 0, "bos_token_id": 1,
                 "eos_token_id": 2}
+IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 64, 21]])
 
 def falcon_model(**overrides):
     """A tiny Falcon (module level: every rank of a pool builds it)."""
@@ -148,10 +153,49 @@ def test_falcon_rw_alibi(size, pool2, pool4):
     assert ("head_input(head_dim=1, kwarg=alibi)" in result.report) == takes_alibi
 
 
-def test_falcon_kv_groups_fewer_than_ranks_are_refused():
-    """A kv group packs its query heads with its k and v, so a rank holds whole groups: tp=4 with 2
-    groups would need half-groups sharing a replicated k/v, which no layout describes yet."""
-    model = falcon_model(new_decoder_architecture=True, num_kv_heads=2)
+def test_a_kv_group_shared_by_ranks_gives_each_its_query_heads_and_the_groups_k_and_v():
+    group = Part(2, 6 * 4, group_q=4)  # 2 groups of [4 q heads; k; v], 4 rows per head
+    assert [group.local_rows(4, rank) for rank in range(4)] == [
+        [*range(0, 8), *range(16, 24)], [*range(8, 16), *range(16, 24)],
+        [*range(24, 32), *range(40, 48)], [*range(32, 40), *range(40, 48)]]
+    assert group.local_rows(2, 1) == list(range(24, 48))  # whole groups where they split
+    assert Part(2, 5 * 4, group_q=3).problem(4) is not None  # 3 query heads do not split over 2 ranks
+
+
+@pytest.mark.parametrize("kv_groups", [2, 1])
+def test_falcon_ranks_share_kv_groups_when_there_are_fewer_than_ranks(kv_groups, pool4):
+    """Falcon-40B's layout with fewer kv groups than ranks: each of a group's ranks holds its share
+    of the group's query heads and the group's k and v (one kv head per rank). query_key_value is
+    stored whole, replicated, and the gradients of the shared rows are summed: one more backward
+    all-reduce per block, as for TP > kv heads elsewhere."""
+    _check(_verify_falcon(pool4, 4, new_decoder_architecture=True, num_kv_heads=kv_groups), backward_per_block=3)
+
+
+def _load_generate_save(checkpoint: str, out: str) -> torch.Tensor:
+    model = tp.from_pretrained(checkpoint, init_device_mesh("cpu", (dist.get_world_size(),)))
+    with torch.no_grad():
+        tokens = model.generate(IDS, max_new_tokens=6, do_sample=False)
+    tp.save_pretrained(model, out)
+    return tokens
+
+
+def test_falcon_with_kv_groups_shared_by_ranks_loads_decodes_and_saves_bit_for_bit(pool4, tmp_path):
+    from safetensors.torch import load_file
+
+    reference = falcon_model(new_decoder_architecture=True, num_kv_heads=2).eval()
+    reference.save_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        tokens = reference.generate(IDS, max_new_tokens=6, do_sample=False)
+    assert all(torch.equal(found, tokens)
+               for found in pool4.run(_load_generate_save, str(tmp_path / "ckpt"), str(tmp_path / "saved")))
+    original, written = load_file(tmp_path / "ckpt" / "model.safetensors"), load_file(tmp_path / "saved" / "model.safetensors")
+    assert written.keys() == original.keys()
+    assert all(torch.equal(written[name], original[name]) for name in original)
+
+
+def test_falcon_kv_groups_whose_query_heads_do_not_split_are_refused():
+    """2 groups of 3 query heads at tp=4: a group's 2 ranks cannot share 3 heads."""
+    model = falcon_model(new_decoder_architecture=True, num_kv_heads=2, num_attention_heads=6, hidden_size=48)
     plan = tp.resolve(model, 4)
     with pytest.raises(tp.SizeError, match=r"query_key_value.*2 kv groups.*tp=4") as error:
         tp.checks.sizes.check(model, plan, 4)

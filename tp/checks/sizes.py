@@ -33,7 +33,7 @@ def rank_sizes(shape: tuple[int, ...], dim: int | None, tp: int, layout: Layout 
     if dim is None or (layout is not None and layout.repeats_rows(tp)):
         return None
     layout = layout or Layout((Part(shape[dim], 1),))
-    return [sum(len(p.local_units(tp, rank)) * p.unit_rows for p in layout.parts) for rank in range(tp)]
+    return [sum(len(p.local_rows(tp, rank)) for p in layout.parts) for rank in range(tp)]
 
 
 def local_shape(shape: tuple[int, ...], dim: int | None, tp: int, layout: Layout | None = None) -> tuple[int, ...]:

@@ -41,7 +41,7 @@ def stored_in_parts(layout: Layout) -> bool:
 
 
 def _local_sizes(layout: Layout, tp: int, rank: int) -> list[int]:
-    return [len(part.local_units(tp, rank)) * part.unit_rows for part in layout.parts]
+    return [len(part.local_rows(tp, rank)) for part in layout.parts]
 
 
 def split_into_parts(tensor: torch.Tensor, layout: Layout, dim: int, mesh: DeviceMesh) -> list[DTensor]:

@@ -47,15 +47,25 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         unit.unshard()
     try:
         unsharded = {**state, **dict(model.named_parameters(remove_duplicate=False))}
-        full = {name: full_tensor(unsharded[name].detach()) for name in state}
+        full = _once_per_tensor({name: unsharded[name] for name in state}, lambda t: full_tensor(t.detach()))
         for name, (parts, dim) in fused_in_parts(model).items():
             if parts[0] in full:
                 full = _replaced(full, parts, name, joined_whole([full[part] for part in parts], dim))
         # a parameter FSDP holds unsharded may be its all-gather buffer itself, freed by reshard()
-        return {name: value.clone() for name, value in full.items()} if fsdp else full
+        return _once_per_tensor(full, torch.clone) if fsdp else full
     finally:
         for unit in fsdp:
             unit.reshard()
+
+
+def _once_per_tensor(state: dict, fn) -> dict:
+    """``fn`` of every value of ``state``, computed once per tensor: tied parameters (an embedding and
+    its lm_head) stay one tensor, which ``save_pretrained`` writes once, as the unsharded model's."""
+    done: dict[int, torch.Tensor] = {}
+    for value in state.values():
+        if id(value) not in done:
+            done[id(value)] = fn(value)
+    return {name: done[id(value)] for name, value in state.items()}
 
 
 def _replaced(state: dict, parts: list[str], name: str, value) -> dict:

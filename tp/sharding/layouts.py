@@ -17,6 +17,9 @@ so every rank holds the kv head its query heads use. kv heads that neither divid
 nor divide it (3 kv heads for 6 query heads at TP=2: rank 0's query heads 0-2 read kv heads 0, 0
 and 1) are held by need: a part that ``serves`` that many query heads gives each rank the kv head
 of each of its query heads, in order, so the rank's attention has one kv head per query head.
+Falcon's kv groups (``[q heads of the group; k; v]``, ``group_q`` query heads each) with fewer
+groups than ranks are shared alike: each of a group's ranks holds its share of the group's query
+heads, then the group's k and v.
 
 How the parameter is stored (one ``Shard`` DTensor, one DTensor per part, or whole where rows
 repeat) is tp/sharding/tags.py's. ``placement`` says which DTensor placement, if any, describes
@@ -51,6 +54,13 @@ class Part:
     why_multiple: str = ""  # ... for this reason
     uneven: bool = False  # alone in its layout, it may split as torch.chunk does (rows nothing groups)
     serves: int = 0  # kv heads: the query heads they serve, each rank's held by need when no even split exists
+    group_q: int = 0  # kv groups: the query heads of each group (its k and v heads follow them)
+
+    def splits_groups(self, tp: int) -> bool:
+        """Whether ranks share kv groups (fewer groups than ranks): each of a group's ranks holds
+        some of the group's query heads and the group's k and v heads."""
+        return (self.group_q > 0 and 1 < tp and self.units < tp and tp % self.units == 0
+                and self.group_q % (tp // self.units) == 0)
 
     def by_need(self, tp: int) -> bool:
         """Whether each rank holds the units its ``serves`` query heads read (one per query head)."""
@@ -76,7 +86,7 @@ class Part:
                 return (f"{self.name}: {per_rank} {self.unit} per rank at tp={tp} are not a multiple of "
                         f"{self.multiple}, {self.why_multiple}")
             return None
-        if self.replicable and (tp % self.units == 0 or self.by_need(tp)):
+        if (self.replicable and (tp % self.units == 0 or self.by_need(tp))) or self.splits_groups(tp):
             return None
         if self.uneven and alone and self.multiple == 1:
             if len(self.local_units(tp, tp - 1)):
@@ -98,12 +108,25 @@ class Part:
         if self.by_need(tp):
             per_rank, per_unit = self.serves // tp, self.serves // self.units
             return [head // per_unit for head in range(rank * per_rank, (rank + 1) * per_rank)]
-        if self.units < tp and self.replicable:
+        if self.units < tp and (self.replicable or self.splits_groups(tp)):
             unit = rank * self.units // tp
             return range(unit, unit + 1)
         per = -(-self.units // tp)
         start = min(rank * per, self.units)
         return range(start, min(start + per, self.units))
+
+    def local_rows(self, tp: int, rank: int) -> list[int]:
+        """Offsets, within the part, of the rows rank ``rank`` holds, in local order: those of its
+        units or, where ranks share kv groups, its share of its group's query heads, then the
+        group's k and v heads."""
+        if self.splits_groups(tp):
+            group, share = divmod(rank, tp // self.units)
+            head_rows = self.unit_rows // (self.group_q + 2)
+            q_rows = self.group_q // (tp // self.units) * head_rows
+            first = group * self.unit_rows
+            return [*range(first + share * q_rows, first + (share + 1) * q_rows),
+                    *range(first + self.group_q * head_rows, first + self.unit_rows)]
+        return [unit * self.unit_rows + row for unit in self.local_units(tp, rank) for row in range(self.unit_rows)]
 
 
 @dataclass(frozen=True)
@@ -125,9 +148,7 @@ class Layout:
         """Indices, along the fused dimension, of the rows rank ``rank`` holds, in local order."""
         out, start = [], 0
         for part in self.parts:
-            for unit in part.local_units(tp, rank):
-                first = start + unit * part.unit_rows
-                out.extend(range(first, first + part.unit_rows))
+            out.extend(start + row for row in part.local_rows(tp, rank))
             start += part.rows
         return out
 

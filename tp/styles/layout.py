@@ -110,7 +110,10 @@ def build_layout(size: int, *, parts, unit: str, heads: Heads | None, where: str
     units = total // parts
     word = {"row": "rows", "head": "heads", "head_dim": "head_dim blocks", "group": "kv groups"}[unit]
     # single rows (features, channels) of one part may split unevenly, as torch.chunk does
-    return Layout(tuple(Part(units, size // total, name=f"part {i}", unit=word, uneven=unit == "row")
+    # Falcon's groups, [q heads of the group; k; v]: at tp > groups a group's ranks share its k and v
+    grouped = unit == "group" and parts == 1 and size == heads.kv * (heads.q // heads.kv + 2) * heads.dim
+    group_q = heads.q // heads.kv if grouped else 0
+    return Layout(tuple(Part(units, size // total, name=f"part {i}", unit=word, uneven=unit == "row", group_q=group_q)
                         for i in range(parts)))
 
 
