@@ -3,6 +3,7 @@
     python bench/decode.py                        # 32 decode steps, 1 warm-up + 10 timed rounds
     python bench/decode.py --small                # a quick run: 8 decode steps, prefill of 128, 2 rounds
     python bench/decode.py --tokens 64 --rounds 5 --prefill 512
+    python bench/decode.py --profile              # where a decode step's time goes: tp.apply and transformers' TP
 
 One random Llama of 56M parameters (hidden 512, 8 layers, 8 heads / 4 kv heads, intermediate
 1376, vocab 32000, untied lm_head, float32; the model of issue 15) is saved with
@@ -54,6 +55,11 @@ tokens, at batch 1 and 8, equal those of the unsharded model on 1 thread (the sc
 error naming the variant, batch, row and position when they do not); ``prefill logits diff``: max
 abs difference of the prefill's last-position logits from the unsharded model's (rank 0, last
 round; the script stops with an error above 1e-4).
+
+``--profile`` instead runs ``cProfile`` over a greedy ``generate()`` of 16 tokens at batch 1 on
+rank 0 of tp.apply and of transformers' TP (after 4 tokens of warm-up), one after the other, and
+prints each one's time per token under the profiler, the shares of gloo's ``wait`` and
+``allreduce`` and of ``F.linear``, and its top functions by own time.
 
 On a shared 2-core machine the absolute times drift by 10-20% from minute to minute (and more when
 other programs run); read the ratios, and not differences under about 0.1.
@@ -205,6 +211,48 @@ def iteration(tokens: int) -> dict:
             "logits": logits[:, -1].clone() if dist.get_rank() == 0 else None}
 
 
+PROFILED_TOKENS = 16
+_HOT = {"wait": "{built-in method torch._C._distributed_c10d.wait}",
+        "allreduce": "{built-in method torch._C._distributed_c10d.allreduce}",
+        "F.linear": "{built-in method torch._C._nn.linear}"}
+
+
+def profile_decode() -> dict:
+    """cProfile of a greedy generate() of PROFILED_TOKENS tokens at batch 1 on this rank."""
+    import cProfile
+    import io
+    import pstats
+
+    prompt = _STATE["prompts"][1]
+    _generate(prompt, 4)
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    _generate(prompt, PROFILED_TOKENS)
+    profiler.disable()
+    wall = time.perf_counter() - start
+    stats = pstats.Stats(profiler)
+    own = {pstats.func_std_string(func): row[2] for func, row in stats.stats.items()}
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(12)
+    return {"wall": wall, "total": stats.total_tt, "shares": {k: own.get(name, 0.0) for k, name in _HOT.items()},
+            "top": text.getvalue()}
+
+
+def _profile(path: str, prompt: int, prefill: int) -> None:
+    for key, label, world, threads in VARIANTS:
+        if key not in ("tp_apply", "hf_tp"):
+            continue
+        with WorkerPool(world) as pool:
+            pool.run(setup, path, key, threads, prompt, prefill)
+            result = pool.run(profile_decode)[0]
+        total = result["total"]
+        shares = ", ".join(f"{name} {seconds:.3f} s ({seconds / total:.0%})" for name, seconds in result["shares"].items())
+        print(f"{label}: {result['wall'] * 1e3 / PROFILED_TOKENS:.1f} ms per token under cProfile; of {total:.3f} s "
+              f"profiled: {shares}")
+        print("\n".join(line for line in result["top"].splitlines() if line.strip()) + "\n")
+
+
 def record_collectives() -> dict[str, list]:
     """The collectives of one decode step at each batch and of the prefill, on this rank."""
     def logged(fn) -> Counter:
@@ -295,6 +343,8 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, help="tokens of the prefill forward (default 512)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, help="timed rounds (default 10)")
+    parser.add_argument("--profile", action="store_true", help="profile a decode at batch 1 of tp.apply and "
+                                                               "transformers' TP instead of timing rounds")
     parser.add_argument("--small", action="store_true", help="a quick run: defaults --tokens 8 --prefill 128 "
                                                              "--rounds 2 instead")
     args = parser.parse_args()
@@ -308,6 +358,11 @@ def main() -> None:
 
     import transformers
 
+    if args.profile:
+        with tempfile.TemporaryDirectory() as path:
+            save_checkpoint(path)
+            _profile(path, args.prompt, args.prefill)
+        return
     pools = {key: WorkerPool(world) for key, _, world, _ in VARIANTS}
     rounds = {key: [] for key in pools}
     latencies = []  # per round: {(name, bytes, dtype): seconds}, the slowest rank's
