@@ -171,6 +171,14 @@ def test_falcon_ranks_share_kv_groups_when_there_are_fewer_than_ranks(kv_groups,
     _check(_verify_falcon(pool4, 4, new_decoder_architecture=True, num_kv_heads=kv_groups), backward_per_block=3)
 
 
+def test_falcon_kv_groups_shared_by_ranks_under_sequence_parallelism(pool4):
+    result = tp.verify(model_factory=functools.partial(falcon_model, new_decoder_architecture=True, num_kv_heads=2),
+                       pool=pool4, tp=4, sequence_parallel=True)
+    assert result.logits_max_abs <= 1e-5 and result.worst_grad_rel <= 1e-4, result.table()
+    assert result.gathered_exact and result.collectives_ok, result.table()
+    assert result.activation_bytes_per_rank * 4 == result.activation_bytes_unsharded, result.table()
+
+
 def _load_generate_save(checkpoint: str, out: str) -> torch.Tensor:
     model = tp.from_pretrained(checkpoint, init_device_mesh("cpu", (dist.get_world_size(),)))
     with torch.no_grad():
