@@ -201,6 +201,38 @@ def test_falcon_with_kv_groups_shared_by_ranks_loads_decodes_and_saves_bit_for_b
     assert all(torch.equal(written[name], original[name]) for name in original)
 
 
+def _save_with_torch(path: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = falcon_model(new_decoder_architecture=True, num_kv_heads=2)
+    tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)))
+    dcp.save(get_state_dict(model, ())[0], checkpoint_id=path)
+
+
+def _load_with_torch(path: str) -> list[str]:
+    """The names of the parameters that do not come back bit for bit."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    torch.manual_seed(1)
+    model = falcon_model(new_decoder_architecture=True, num_kv_heads=2)
+    model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)  # other values
+    tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)))
+    state, _ = get_state_dict(model, ())
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, (), model_state_dict=state, optim_state_dict={})
+    full, saved = tp.full_state_dict(model), falcon_model(new_decoder_architecture=True, num_kv_heads=2).state_dict()
+    return [name for name, value in saved.items() if not torch.equal(full[name], value)]
+
+
+def test_torch_dcp_reshards_falcon_kv_groups_shared_by_ranks_to_whole_groups(pool2, pool4, tmp_path):
+    """Saved at TP=4 (2 groups shared by 2 ranks each: query_key_value whole), loaded at TP=2 (a group per rank)."""
+    path = str(tmp_path / "dcp")
+    pool4.run(_save_with_torch, path)
+    assert pool2.run(_load_with_torch, path) == [[]] * 2
+
+
 def test_falcon_kv_groups_whose_query_heads_do_not_split_are_refused():
     """2 groups of 3 query heads at tp=4: a group's 2 ranks cannot share 3 heads."""
     model = falcon_model(new_decoder_architecture=True, num_kv_heads=2, num_attention_heads=6, hidden_size=48)
