@@ -75,3 +75,41 @@ def test_megatron_pair_on_local_tensors(pool_name, request):
         assert r["dtensor_ops_in_forward"] == [], r
         assert r["plain_output"] and r["all_dtensor"], r
         assert r["forward"] == {"all_reduce": 1} and r["backward"] == {"all_reduce": 1}, r
+
+
+def _decode_step_on_rank() -> dict:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from tp.testing.models import tiny_model
+
+    model = tiny_model("llama").eval()
+    tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)))
+    block_inputs = []  # the attention's input after its block_input hook, which ran first
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args, kwargs: block_inputs.append(type(kwargs["hidden_states"]).__name__), with_kwargs=True)
+    ids = torch.tensor([[5, 17, 42, 8]])
+    with torch.no_grad(), DTensorOps() as no_grad:
+        model(input_ids=ids)
+    model(input_ids=ids)
+    return {"no_grad": no_grad.ops, "block_inputs": block_inputs}
+
+
+def test_a_decode_forward_runs_no_dtensor_operator(pool2):
+    """Under no_grad the shared block input stays a plain tensor (it has no gradient to sum), so a
+    forward of a tp.apply'd Llama dispatches no DTensor operator; with gradients the block input is
+    a replicated DTensor that the linears read locally."""
+    for r in pool2.run(_decode_step_on_rank):
+        assert r["no_grad"] == [], r["no_grad"]
+        assert r["block_inputs"] == ["Tensor", "DTensor"], r["block_inputs"]
+
+
+def test_a_block_holding_a_module_that_computes_on_dtensors_keeps_its_input_a_dtensor():
+    """Yuan's filter with ``replicate`` adds its input to its DTensor output: its attention's block
+    input stays a DTensor under no_grad too (``dtensor_always``); llama's need not."""
+    from tp.testing.models import tiny_model
+
+    yuan = tp.resolve(tiny_model("yuan"), 2, family="yuan_replicate").decisions
+    assert dict(yuan["model.layers.0.self_attn"].style.args).get("dtensor_always") is True
+    llama = tp.resolve(tiny_model("llama"), 2).decisions
+    assert not dict(llama["model.layers.0.self_attn"].style.args).get("dtensor_always")
