@@ -55,17 +55,20 @@ def test_packed_gate_up_is_refused_with_the_reason():
     assert 2 not in working and 1 in working
 
 
-def test_heads_are_not_split_unevenly():
-    # 6 query heads of 8 features: 48 features would split 12/12/12/12 at TP=4, cutting heads apart
-    model = tp.testing.models.tiny_model("llama", num_attention_heads=6, num_key_value_heads=6, hidden_size=48,
+def test_gqa_heads_are_not_split_unevenly():
+    # 6 query heads of 8 features: 48 features would split 12/12/12/12 at TP=4, cutting heads apart.
+    # With as many kv heads as query heads they split balanced instead (tests/test_balanced_heads.py).
+    model = tp.testing.models.tiny_model("llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=48,
                                          head_dim=8, intermediate_size=201)
     lines, _ = tp.checks.sizes.problems(model, tp.resolve(model, 4), 4)
     assert any("q_proj" in line and "heads (48 / head_dim 8) = 6 does not divide by tp=4" in line for line in lines)
     assert not any("mlp" in line for line in lines)
-    # T5's attention has no head_dim attribute (key_value_proj_dim): the config's heads keep them whole
+    # T5's 8 heads at TP=3 would split balanced (3, 3, 2), but its relative attention bias holds one
+    # value per head, split as torch.chunk splits it: refused, naming it
     t5 = tp.testing.models.build(tp.testing.models.family_config("t5"), device="meta")
     lines, _ = tp.checks.sizes.problems(t5, tp.resolve(t5, 3), 3)
-    assert "encoder.block.*.layer.*.SelfAttention.q: heads (64 / head_dim 8) = 8 does not divide by tp=3" in lines
+    assert "encoder.block.*.layer.*.SelfAttention.relative_attention_bias: weight.shape[1] = 8 does not divide by tp=3" \
+        in lines
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -39,5 +39,5 @@ def shard(model: nn.Module, mesh: DeviceMesh, resolved: ResolvedPlan) -> report_
     replicate_whole_parameters(model, mesh, _listed_modules(model))
     sizes.divide_attributes(model, resolved.divide, tp)
     if resolved.local_counts:
-        set_local_counts(model, resolved.local_counts, resolved.heads, tp)
+        set_local_counts(model, resolved.local_counts, resolved.heads, tp, mesh.get_local_rank())
     return report

@@ -13,7 +13,7 @@ from ..patterns import matches
 from ..plan.resolved import Decision, ResolvedPlan
 from ..sharding.heads import Heads
 from ..sharding.layouts import Layout, Part
-from ..styles.descriptor import LayoutMap
+from ..styles.descriptor import Act, LayoutMap
 
 
 def layouts(decision: Decision, module: nn.Module) -> LayoutMap | None:
@@ -90,6 +90,11 @@ def constraints(model: nn.Module, plan: ResolvedPlan, paths: set[str] | None = N
         if paths is not None and path not in paths:
             continue
         module = model.get_submodule(path)
+        style = decision.style.style
+        if (plan.heads is not None and plan.heads.q == plan.heads.kv and not style.reads_balanced_heads
+                and style.input_layout(decision.style.options) is Act.FEATURES):
+            # heads that do not divide split balanced (2, 2, 1, 1), which this style cannot read
+            found.append(Constraint(path, f"attention heads ({decision.style.name} reads them split)", plan.heads.q))
         try:
             by_layout = layouts(decision, module)
         except PlanError as e:
@@ -108,14 +113,14 @@ def constraints(model: nn.Module, plan: ResolvedPlan, paths: set[str] | None = N
             if param is None:
                 continue
             size = param.shape[dim]
-            if not uneven:
+            # one value per head (a gate, a sink, T5's relative bias) splits as torch.chunk does,
+            # which matches the heads' split only where they divide (not a balanced one)
+            per_head = plan.heads is not None and size in (plan.heads.q, plan.heads.kv)
+            if not uneven or per_head:
                 found.append(Constraint(path, f"{name}.shape[{dim}]", size))
             head_dim = _head_dim(parent, size, decision.heads or plan.heads)
-            # In attention, a shard must hold whole heads, not just a whole number of features. An
-            # output of one value per head (a gate, a sink) holds whole heads already.
-            per_head = plan.heads is not None and size in (plan.heads.q, plan.heads.kv)
-            if name == "weight" and head_dim and not per_head and size % head_dim == 0 \
-                    and isinstance(module, nn.Linear):
+            # In attention, a shard must hold whole heads, not just a whole number of features.
+            if name == "weight" and head_dim and not per_head and size % head_dim == 0:
                 found.append(Constraint(path, f"heads ({size} / head_dim {head_dim})", size // head_dim))
     return found, laid_out
 

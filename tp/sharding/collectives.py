@@ -107,7 +107,7 @@ def rows_of_whole(whole: torch.Tensor, layout, dim: int, mesh) -> torch.Tensor:
     ``layout`` (a ``tp.sharding.layouts.Layout`` along ``dim``) gives some rows to several ranks of
     ``mesh`` (kv heads with TP > kv heads). Each rank's gradient of ``whole`` covers only the rows
     it used, so in the backward it is summed over the ranks (``f``, one all-reduce)."""
-    rows = torch.tensor(layout.rows(mesh.size(), mesh.get_local_rank()), device=whole.device)
+    rows = torch.tensor(layout.rows(mesh.size(), mesh.get_local_rank()), dtype=torch.long, device=whole.device)
     if whole.requires_grad:
         whole = f(whole, mesh.get_group())
     return whole.index_select(dim, rows)

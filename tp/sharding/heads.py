@@ -24,16 +24,24 @@ class Heads:
         because the kv heads neither split over ``tp`` nor divide it (``Part.by_need``)."""
         return Part(self.kv, self.dim, replicable=True, serves=self.q).by_need(tp)
 
-    def local(self, tp: int) -> Heads:
-        """Heads on one rank: kv heads are replicated when there are fewer of them than ranks, and
-        held one per query head when they neither split nor divide the ranks."""
+    def balanced(self, tp: int) -> bool:
+        """Whether the heads split unevenly, balanced (as many kv as query heads, ``Part.balances``)."""
+        return Part(self.q, self.dim, balanced=self.q == self.kv).balances(tp)
+
+    def local(self, tp: int, rank: int = 0) -> Heads:
+        """Heads on rank ``rank``: kv heads are replicated when there are fewer of them than ranks,
+        and held one per query head when they neither split nor divide the ranks; heads split
+        balanced give the first ``q % tp`` ranks one more."""
+        if self.balanced(tp):
+            held = self.q // tp + (rank < self.q % tp)
+            return Heads(held, held, self.dim)
         if self.by_need(tp):
             return Heads(self.q // tp, self.q // tp, self.dim)
         return Heads(self.q // tp, max(self.kv // tp, 1), self.dim)
 
     def problems(self, tp: int) -> list[str]:
         found = []
-        if self.q % tp:
+        if self.q % tp and not self.balanced(tp):
             found.append(f"{self.q} attention heads do not divide by tp={tp}")
         elif self.kv % tp and tp % self.kv and not self.by_need(tp):
             found.append(
@@ -56,7 +64,7 @@ class Heads:
                 "q_features": self.q * self.dim, "kv_features": self.kv * self.dim}[kind]
 
 
-def set_local_counts(model, counts: dict[str, str], heads: Heads, tp: int) -> list[str]:
+def set_local_counts(model, counts: dict[str, str], heads: Heads, tp: int, rank: int = 0) -> list[str]:
     """Set attributes that hold head counts (``self_attn.num_heads`` -> ``q``) to their per-rank value.
 
     A count read through a config the module shares with the model (``self_attn.config.
@@ -64,7 +72,7 @@ def set_local_counts(model, counts: dict[str, str], heads: Heads, tp: int) -> li
     """
     from ..patterns import matches
 
-    local, changed = heads.local(tp), []
+    local, changed = heads.local(tp, rank), []
     for spec, kind in counts.items():
         owner_pattern, _, attr = spec.rpartition(".")
         owner_pattern, _, via_config = owner_pattern.rpartition(".") if owner_pattern.endswith(".config") \

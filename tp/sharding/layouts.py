@@ -17,6 +17,9 @@ so every rank holds the kv head its query heads use. kv heads that neither divid
 nor divide it (3 kv heads for 6 query heads at TP=2: rank 0's query heads 0-2 read kv heads 0, 0
 and 1) are held by need: a part that ``serves`` that many query heads gives each rank the kv head
 of each of its query heads, in order, so the rank's attention has one kv head per query head.
+Heads alone in their layout with as many kv as query heads split balanced where they do not divide
+(``balanced``: 6 heads over 4 ranks as 2, 2, 1, 1, the first ``units % tp`` ranks one more, as
+DeepSpeed splits them); no DTensor placement describes that, so such a weight is stored whole.
 Falcon's kv groups (``[q heads of the group; k; v]``, ``group_q`` query heads each) with fewer
 groups than ranks are shared alike: each of a group's ranks holds its share of the group's query
 heads, then the group's k and v.
@@ -55,6 +58,11 @@ class Part:
     uneven: bool = False  # alone in its layout, it may split as torch.chunk does (rows nothing groups)
     serves: int = 0  # kv heads: the query heads they serve, each rank's held by need when no even split exists
     group_q: int = 0  # kv groups: the query heads of each group (its k and v heads follow them)
+    balanced: bool = False  # heads alone in their layout: where they do not divide, the first units % tp ranks hold one more
+
+    def balances(self, tp: int) -> bool:
+        """Whether the heads split unevenly, as evenly as they go (6 over 4 ranks: 2, 2, 1, 1)."""
+        return self.balanced and 1 < tp < self.units and self.units % tp != 0
 
     def splits_groups(self, tp: int) -> bool:
         """Whether ranks share kv groups (fewer groups than ranks): each of a group's ranks holds
@@ -68,8 +76,9 @@ class Part:
                 and self.serves % tp == 0 and self.serves % self.units == 0)
 
     def repeats(self, tp: int) -> bool:
-        """Whether some of its units go to more than one rank."""
-        return tp > 1 and (self.units < tp or self.by_need(tp))
+        """Whether it is stored whole on every rank: some of its units go to more than one rank, or
+        they split balanced, which no DTensor placement describes."""
+        return tp > 1 and (self.units < tp or self.by_need(tp) or self.balances(tp))
 
     @property
     def rows(self) -> int:
@@ -88,6 +97,8 @@ class Part:
             return None
         if (self.replicable and (tp % self.units == 0 or self.by_need(tp))) or self.splits_groups(tp):
             return None
+        if self.balances(tp) and alone:
+            return None
         if self.uneven and alone and self.multiple == 1:
             if len(self.local_units(tp, tp - 1)):
                 return None  # the last ranks hold fewer rows
@@ -105,6 +116,10 @@ class Part:
         torch.chunk splits (equal blocks when ``tp`` divides ``units``), the one unit it shares
         with other ranks when a replicable part has fewer units than ranks, or, held by need, the
         unit of each query head the rank computes."""
+        if self.balances(tp):
+            per, more = divmod(self.units, tp)
+            start = rank * per + min(rank, more)
+            return range(start, start + per + (rank < more))
         if self.by_need(tp):
             per_rank, per_unit = self.serves // tp, self.serves // self.units
             return [head // per_unit for head in range(rank * per_rank, (rank + 1) * per_rank)]
@@ -167,5 +182,5 @@ class Layout:
         return None
 
     def shard(self, tensor: torch.Tensor, dim: int, tp: int, rank: int) -> torch.Tensor:
-        index = torch.tensor(self.rows(tp, rank), device=tensor.device)
+        index = torch.tensor(self.rows(tp, rank), dtype=torch.long, device=tensor.device)
         return tensor.index_select(dim, index).contiguous()

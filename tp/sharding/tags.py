@@ -8,7 +8,8 @@ at any TP size) take them all at once:
 - a layout of several parts (fused ``qkv_proj``, packed ``gate_up_proj``): one DTensor parameter
   per part in place of the fused one (``tp.sharding.fused``), lent joined to the module's forward;
 - a one-part layout that gives some rows to several ranks (kv heads replicated by need, TP > kv
-  heads): the whole tensor, replicated, so that a gradient norm counts each of its values once;
+  heads) or that no placement describes (heads split balanced, 2, 2, 1, 1): the whole tensor,
+  replicated, so that a gradient norm counts each of its values once;
   the module computes with this rank's rows of it, and their gradients are summed;
 - parameters no style shards: replicated (``tp.sharding.whole``).
 

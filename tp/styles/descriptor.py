@@ -115,6 +115,9 @@ class Style:
             inside, whose input gradients are then summed before one all-reduce.
         opens_block: given its arguments, whether the module holding it gets a shared block
             input (``block_input``) derived.
+        reads_balanced_heads: it reads feature-sharded activations right when they hold whole heads
+            split balanced (6 over 4 ranks as 2, 2, 1, 1, ``Part.balanced``); a style that reads them
+            otherwise needs the heads to divide.
         computes_on_dtensors: given its arguments, whether its module computes on replicated
             DTensors that meet its block's input (Yuan's filter adds its input to its output), so
             that the block input stays a DTensor even where it needs no gradient.
@@ -136,6 +139,7 @@ class Style:
     flattens_sequence: bool = False
     shares_input: bool = False
     opens_block: Callable[[Args], bool] = _never
+    reads_balanced_heads: bool = False
     computes_on_dtensors: Callable[[Args], bool] = _never
 
     def input_layout(self, args: Args) -> Act:

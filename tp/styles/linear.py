@@ -150,7 +150,7 @@ def build_colwise(site: Site) -> ParallelStyle:
     args = site.args
     if _needs_layout(site.module, args.parts, args.unit):
         return ColwiseLayout(parts=args.parts, unit=args.unit, heads=site.heads)
-    return LocalColwise() if _plain_linear(site.module) else OwnedColwiseParallel()
+    return LocalColwise(heads=site.heads) if _plain_linear(site.module) else OwnedColwiseParallel()
 
 
 def build_rowwise(site: Site) -> ParallelStyle:
@@ -162,7 +162,7 @@ def build_rowwise(site: Site) -> ParallelStyle:
     if _sequence(args):
         return RowwiseParallel(output_layouts=Shard(args.sequence_dim), use_local_output=False)
     if args.local_output and _plain_linear(site.module):
-        return LocalRowwise()
+        return LocalRowwise(heads=site.heads)
     return OwnedRowwiseParallel(use_local_output=args.local_output)
 
 
@@ -231,7 +231,7 @@ def build_lm_head(site: Site) -> ParallelStyle:
 def _by_layout(build):
     def layouts(site: Site) -> LayoutMap | None:
         built = build(site)
-        return built.layouts(site.module) if isinstance(built, LayoutParallel) else None
+        return built.layouts(site.module) if isinstance(built, (LayoutParallel, LocalColwise, LocalRowwise)) else None
 
     return layouts
 
@@ -243,12 +243,17 @@ def _dims(by_type: dict[type, dict[str, int]]):
     return dims
 
 
+def _stored_whole(build, site: Site) -> int:
+    """How many of the module's parameters hold rows stored whole on every rank (replicated kv heads,
+    heads split balanced): the gradient of each is all-reduced in the backward."""
+    return sum(layout.repeats_rows(site.tp) for layout, _ in (_by_layout(build)(site) or {}).values())
+
+
 def _colwise_collectives(site: Site) -> tuple[int, int]:
     """With sequence parallelism a plain input is all-gathered; a plain input's gradient is
-    all-reduced, and so is that of every parameter with rows replicated over ranks."""
-    by_layout = _by_layout(build_colwise)(site) or {}
-    replicated = sum(layout.repeats_rows(site.tp) for layout, _ in by_layout.values())
-    return int(site.sequence_parallel and site.plain_input), int(site.plain_input) + replicated
+    all-reduced, and so is that of every parameter with rows stored whole."""
+    return (int(site.sequence_parallel and site.plain_input),
+            int(site.plain_input) + _stored_whole(build_colwise, site))
 
 
 COLWISE = Style(
@@ -268,9 +273,9 @@ ROWWISE = Style(
     doc="input features sharded; partial outputs all-reduced (reduce-scattered under sequence parallelism)",
     reads=Act.FEATURES, leaves=lambda args: Act.SEQUENCE if _sequence(args) else Act.REPLICATED,
     sharded_dims=_dims({nn.Linear: {"weight": 1}}), layouts=_by_layout(build_rowwise),
-    collectives=lambda site: (1, int(_sequence(site.args))), takes_sequence_dim=True,
-    uneven_ok=lambda args: not _sequence(args) and args.local_output,
-    computes_on_dtensors=lambda args: not args.local_output)
+    collectives=lambda site: (1, int(_sequence(site.args)) + _stored_whole(build_rowwise, site)),
+    takes_sequence_dim=True, uneven_ok=lambda args: not _sequence(args) and args.local_output,
+    computes_on_dtensors=lambda args: not args.local_output, reads_balanced_heads=True)
 
 ROWWISE_INTO_SHARDED = Style(
     name="rowwise_into_sharded", build=lambda site: RowwiseIntoSharded(), supports=(nn.Linear,),

@@ -26,13 +26,34 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from ..sharding.collectives import g, gather_last_dim, mesh_group, replicated_input
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_local_params, local_of, take_back_params
-from ..sharding.tags import place_parameter, replicated_parameter
+from ..sharding.heads import Heads
+from ..sharding.tags import local_rows, place_parameter, replicated_parameter
 from .layout import first_input
 
 
-def _place_rows(module: nn.Module, name: str, dim: int, mesh: DeviceMesh) -> None:
-    param = getattr(module, name)
-    place_parameter(module, name, Layout((Part(param.shape[dim], 1),)), dim, mesh)
+def heads_layout(size: int, heads: Heads | None) -> Layout | None:
+    """The layout of a plain linear's ``size`` sharded features when they are all the heads of its
+    attention, with as many kv heads as query heads (q_proj, o_proj): whole heads, balanced where
+    they do not divide (6 over 4 ranks as 2, 2, 1, 1). None for other features, split as
+    ``torch.chunk`` splits them (and GQA heads, which ``tp.checks.sizes`` checks divide)."""
+    if heads is not None and heads.q == heads.kv and size == heads.q * heads.dim:
+        return Layout((Part(heads.q, heads.dim, name="heads", unit="heads", balanced=True),))
+    return None
+
+
+def _place(module: nn.Module, names: tuple[str, ...], dim: int, heads: Heads | None, mesh: DeviceMesh) -> None:
+    for name in names:
+        param = getattr(module, name, None)
+        if param is not None:
+            layout = heads_layout(param.shape[dim], heads) or Layout((Part(param.shape[dim], 1),))
+            place_parameter(module, name, layout, dim, mesh)
+
+
+def _heads_layouts(module: nn.Module, names: tuple[str, ...], dim: int, heads: Heads | None):
+    """Parameter name -> (layout, dim) where the features are heads; None otherwise."""
+    found = {name: (layout, dim) for name in names if getattr(module, name, None) is not None
+             and (layout := heads_layout(getattr(module, name).shape[dim], heads)) is not None}
+    return found or None
 
 
 def shard_vocab_rows(module: nn.Module, name: str, mesh: DeviceMesh) -> None:
@@ -51,14 +72,24 @@ class LocalColwise(ParallelStyle):
     a replicated DTensor (a shared block input, ``block_input``) is read locally with its gradient
     marked partial, so that the block input sums the gradients of all its linears once.
 
+    Keyword Args:
+        heads (Heads): the attention's heads, when its output features may be all of them (q_proj):
+            they are then split as whole heads, balanced where they do not divide (``heads_layout``).
+
     Example::
         >>> parallelize_module(model, mesh, {"layers.0.mlp.up_proj": LocalColwise()})
     """
 
+    def __init__(self, *, heads: Heads | None = None):
+        super().__init__()
+        self.heads = heads
+
+    def layouts(self, module: nn.Module) -> dict[str, tuple[Layout, int]] | None:
+        """Parameter name -> (layout, dimension) where its features are heads (``heads_layout``)."""
+        return _heads_layouts(module, ("weight", "bias"), 0, self.heads)
+
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        for name in ("weight", "bias"):
-            if getattr(module, name, None) is not None:
-                _place_rows(module, name, 0, device_mesh)
+        _place(module, ("weight", "bias"), 0, self.heads, device_mesh)
         module.register_forward_pre_hook(partial(self._lend, mesh_group(device_mesh)), with_kwargs=True)
         module.register_forward_hook(lambda mod, args, out: take_back_params(mod) and None, always_call=True)
         return module
@@ -67,7 +98,7 @@ class LocalColwise(ParallelStyle):
     def _lend(group, module, args, kwargs):
         x, rebuild = first_input("LocalColwise", module, args, kwargs)
         x = replicated_input(x, group)
-        lend_local_params(module, ("weight", "bias"), lambda name, param: local_of(param))
+        lend_local_params(module, ("weight", "bias"), partial(local_rows, module))
         return rebuild(x)
 
     def __repr__(self) -> str:
@@ -78,12 +109,24 @@ class LocalRowwise(ParallelStyle):
     """A row-parallel ``nn.Linear`` on local tensors: input features sharded, partial outputs
     all-reduced (``g``) and the bias (a replicated DTensor) added once after.
 
+    Keyword Args:
+        heads (Heads): the attention's heads, when its input features may be all of them (o_proj);
+            see ``LocalColwise``.
+
     Example::
         >>> parallelize_module(model, mesh, {"layers.0.mlp.down_proj": LocalRowwise()})
     """
 
+    def __init__(self, *, heads: Heads | None = None):
+        super().__init__()
+        self.heads = heads
+
+    def layouts(self, module: nn.Module) -> dict[str, tuple[Layout, int]] | None:
+        """Parameter name -> (layout, dimension) where its features are heads (``heads_layout``)."""
+        return _heads_layouts(module, ("weight",), 1, self.heads)
+
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        _place_rows(module, "weight", 1, device_mesh)
+        _place(module, ("weight",), 1, self.heads, device_mesh)
         if module.bias is not None:
             module.register_parameter("bias", replicated_parameter(module.bias, device_mesh))
         module.register_forward_pre_hook(self._lend, with_kwargs=True)
@@ -98,7 +141,8 @@ class LocalRowwise(ParallelStyle):
                 x = x.redistribute(x.device_mesh, [Shard(x.dim() - 1)])
             x = x.to_local()
         # the bias is added once, after the sum: F.linear runs without it
-        lend_local_params(module, ("weight", "bias"), lambda name, param: local_of(param) if name == "weight" else None)
+        lend_local_params(module, ("weight", "bias"),
+                          lambda name, param: local_rows(module, name, param) if name == "weight" else None)
         return rebuild(x)
 
     @staticmethod

@@ -1,0 +1,115 @@
+"""Heads that do not divide by the TP size split balanced, as evenly as they go (6 heads at TP=4:
+2, 2, 1, 1), where the model has as many kv heads as query heads and its attention's projections
+are plain linears (q/k/v/o_proj).
+
+Rank 0 computes heads 0-1, rank 1 heads 2-3, rank 2 head 4, rank 3 head 5. No DTensor placement
+gives ranks 2, 2, 1 and 1 heads (``Shard`` splits as ``torch.chunk``: 2, 2, 2, 0), so each
+projection is stored whole on every rank (a replicated DTensor, as kv heads held by need), each
+rank computes with its heads' rows, and the gradients are summed (one all-reduce per projection in
+the backward). The compute is split; the attention's parameter memory is not. Checked against the
+unsharded model (logits within 1e-5, gradients within 1e-4 relative); checkpoints load, decode and
+save bit for bit, and torch's DCP reshards to an even split.
+"""
+
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.device_mesh import init_device_mesh
+
+import tp
+import tp.checks.sizes
+from tp.sharding.heads import Heads
+from tp.sharding.layouts import Layout, Part
+from tp.testing.models import tiny_model
+
+MHA_6 = dict(num_attention_heads=6, num_key_value_heads=6, hidden_size=48, head_dim=8, intermediate_size=96)
+IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 64, 21]])
+
+
+def test_six_heads_over_four_ranks_are_held_two_two_one_one():
+    heads = Part(6, 8, balanced=True)
+    assert [list(heads.local_units(4, rank)) for rank in range(4)] == [[0, 1], [2, 3], [4], [5]]
+    assert Layout((heads,)).rows(4, 2) == list(range(32, 40))
+    assert heads.repeats(4) and Layout((heads,)).placement(0, 4) is None  # stored whole
+    assert not heads.repeats(2) and [list(heads.local_units(2, rank)) for rank in range(2)] == [[0, 1, 2], [3, 4, 5]]
+    assert [Heads(6, 6, 8).local(4, rank).q for rank in range(4)] == [2, 2, 1, 1]
+    # GQA heads are not balanced: their kv heads would not follow
+    assert Heads(6, 3, 8).problems(4) == ["6 attention heads do not divide by tp=4"]
+
+
+def test_balanced_heads_match_the_unsharded_model(pool4):
+    result = tp.verify(model_factory=functools.partial(tiny_model, "llama", **MHA_6), pool=pool4, tp=4)
+    assert result.logits_max_abs <= 1e-5, result.table()
+    assert result.worst_grad_rel <= 1e-4, result.table()
+    assert result.gathered_exact, result.gathered_mismatch
+    assert result.collectives_ok, result.table()
+    # 2 all-reduces forward; backward 2 for the block inputs and 1 per projection stored whole
+    assert result.per_block_forward == 2 and result.per_block_backward == 6, result.table()
+
+
+def test_sequence_parallelism_refuses_balanced_heads():
+    """Under sequence parallelism o_proj is torch's RowwiseParallel, which splits as torch.chunk."""
+    model = tiny_model("llama", **MHA_6)
+    with pytest.raises(tp.SizeError, match=r"o_proj: heads \(48 / head_dim 8\) = 6 does not divide by tp=4"):
+        tp.checks.sizes.check(model, tp.resolve(model, 4, sequence_parallel=True), 4)
+
+
+def _load_generate_save(checkpoint: str, out: str) -> dict:
+    model = tp.from_pretrained(checkpoint, init_device_mesh("cpu", (dist.get_world_size(),)))
+    with torch.no_grad():
+        logits = model(input_ids=IDS).logits
+        tokens = model.generate(IDS, max_new_tokens=6, do_sample=False)
+    tp.save_pretrained(model, out)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    held = sum(p.to_local().shape[0] if isinstance(p, torch.distributed.tensor.DTensor) else p.shape[0]
+               for p in q_proj.parameters()) // 8
+    return {"logits": logits, "tokens": tokens, "stored_heads": held}
+
+
+def test_checkpoint_loads_decodes_and_saves_bit_for_bit(pool4, tmp_path):
+    from safetensors.torch import load_file
+
+    reference = tiny_model("llama", **MHA_6).eval()
+    reference.save_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        logits = reference(input_ids=IDS).logits
+        tokens = reference.generate(IDS, max_new_tokens=6, do_sample=False)
+    found = pool4.run(_load_generate_save, str(tmp_path / "ckpt"), str(tmp_path / "saved"))
+    for rank in found:
+        assert (rank["logits"] - logits).abs().max().item() <= 1e-5
+        assert torch.equal(rank["tokens"], tokens)
+    assert [rank["stored_heads"] for rank in found] == [6, 6, 6, 6]  # stored whole
+    original, written = load_file(tmp_path / "ckpt" / "model.safetensors"), load_file(tmp_path / "saved" / "model.safetensors")
+    assert written.keys() == original.keys()
+    assert all(torch.equal(written[name], original[name]) for name in original)
+
+
+def _save_with_torch(path: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = tiny_model("llama", **MHA_6)
+    tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)))
+    dcp.save(get_state_dict(model, ())[0], checkpoint_id=path)
+
+
+def _load_with_torch(path: str) -> list[str]:
+    """The names of the parameters that do not come back bit for bit."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model = tiny_model("llama", seed=1, **MHA_6)
+    tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)))
+    state, _ = get_state_dict(model, ())
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, (), model_state_dict=state, optim_state_dict={})
+    full, saved = tp.full_state_dict(model), tiny_model("llama", **MHA_6).state_dict()
+    return [name for name, value in saved.items() if not torch.equal(full[name], value)]
+
+
+def test_torch_dcp_reshards_balanced_heads_to_an_even_split(pool2, pool4, tmp_path):
+    """Saved at TP=4 (heads 2, 2, 1, 1: the projections whole), loaded at TP=2 (3 and 3)."""
+    path = str(tmp_path / "dcp")
+    pool4.run(_save_with_torch, path)
+    assert pool2.run(_load_with_torch, path) == [[]] * 2
