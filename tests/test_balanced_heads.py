@@ -16,13 +16,13 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import init_device_mesh
 
 import tp
 import tp.checks.sizes
 from tp.sharding.heads import Heads
 from tp.sharding.layouts import Layout, Part
+from tp.testing import torch_dcp
 from tp.testing.models import tiny_model
 
 MHA_6 = dict(num_attention_heads=6, num_key_value_heads=6, hidden_size=48, head_dim=8, intermediate_size=96)
@@ -87,29 +87,8 @@ def test_checkpoint_loads_decodes_and_saves_bit_for_bit(pool4, tmp_path):
     assert all(torch.equal(written[name], original[name]) for name in original)
 
 
-def _save_with_torch(path: str) -> None:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model = tiny_model("llama", **MHA_6)
-    tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)))
-    dcp.save(get_state_dict(model, ())[0], checkpoint_id=path)
-
-
-def _load_with_torch(path: str) -> list[str]:
-    """The names of the parameters that do not come back bit for bit."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model = tiny_model("llama", seed=1, **MHA_6)
-    tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)))
-    state, _ = get_state_dict(model, ())
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, (), model_state_dict=state, optim_state_dict={})
-    full, saved = tp.full_state_dict(model), tiny_model("llama", **MHA_6).state_dict()
-    return [name for name, value in saved.items() if not torch.equal(full[name], value)]
-
-
 def test_torch_dcp_reshards_balanced_heads_to_an_even_split(pool2, pool4, tmp_path):
     """Saved at TP=4 (heads 2, 2, 1, 1: the projections whole), loaded at TP=2 (3 and 3)."""
-    path = str(tmp_path / "dcp")
-    pool4.run(_save_with_torch, path)
-    assert pool2.run(_load_with_torch, path) == [[]] * 2
+    path, saved = str(tmp_path / "dcp"), functools.partial(tiny_model, "llama", **MHA_6)
+    pool4.run(torch_dcp.save, saved, path)
+    assert pool2.run(torch_dcp.mismatches, functools.partial(tiny_model, "llama", seed=1, **MHA_6), saved, path) == [[]] * 2

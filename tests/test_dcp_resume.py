@@ -12,6 +12,8 @@ torch's own get_state_dict saved with dcp.save at TP 2 loads at TP 4 with dcp.lo
 set_state_dict alone, phi3's fused weights included (stored one DTensor per part).
 """
 
+import functools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,6 +22,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import tp
+from tp.testing import torch_dcp
 from tp.testing.models import tiny_model
 
 ROWS, SEQ, LR, EPS, MAX_NORM = 4, 8, 1e-3, 1e-6, 1.0  # ROWS: the global batch, split over dp ranks
@@ -140,36 +143,13 @@ def test_tp_resumes_at_another_tp_size_through_own_dcp_calls(pool2, pool4, tmp_p
         _assert_continues(losses, uninterrupted[SAVED_AT + 1:], "tp 2 -> tp 4")
 
 
-def _save_with_torch(path: str) -> None:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model = tiny_model("phi3")
-    tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)))
-    model_state, _ = get_state_dict(model, ())
-    dcp.save(model_state, checkpoint_id=path)
-
-
-def _load_with_torch(path: str) -> list[str]:
-    """The names of the parameters that do not come back bit for bit."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model = tiny_model("phi3", seed=1)  # other weights, so that a tensor the load missed shows
-    tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)))
-    model_state, _ = get_state_dict(model, ())
-    dcp.load(model_state, checkpoint_id=path)
-    set_state_dict(model, (), model_state_dict=model_state, optim_state_dict={})
-    full, saved = tp.full_state_dict(model), tiny_model("phi3").state_dict()
-    assert set(full) == set(saved)
-    return [name for name, value in saved.items() if not torch.equal(full[name], value)]
-
-
 def test_torch_own_state_dict_and_dcp_reshard_fused_weights(pool2, pool4, tmp_path):
     """torch's get_state_dict + dcp.save at TP 2, dcp.load + set_state_dict at TP 4, with no tp call
     in between: phi3's fused qkv_proj (GQA) and gate_up_proj are stored in parts, each an ordinary
     DTensor, so DCP reshards them itself."""
-    path = str(tmp_path / "torch")
-    pool2.run(_save_with_torch, path)
-    assert pool4.run(_load_with_torch, path) == [[]] * 4
+    path, saved = str(tmp_path / "torch"), functools.partial(tiny_model, "phi3")
+    pool2.run(torch_dcp.save, saved, path)
+    assert pool4.run(torch_dcp.mismatches, functools.partial(tiny_model, "phi3", seed=1), saved, path) == [[]] * 4
 
 
 def _save_model_alone(path: str) -> None:

@@ -14,12 +14,12 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import init_device_mesh
 
 import tp
 from tp.sharding.heads import Heads
 from tp.sharding.layouts import Part
+from tp.testing import torch_dcp
 from tp.testing.launch import WorkerPool
 from tp.testing.models import tiny_model
 
@@ -89,29 +89,9 @@ def test_checkpoint_loads_decodes_and_saves_bit_for_bit(pool2, tmp_path):
     assert all(torch.equal(written[name], original[name]) for name in original)
 
 
-def _save_with_torch(path: str) -> None:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model = tiny_model("phi3", **PHI3_AT_2_AND_3)
-    tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)))
-    dcp.save(get_state_dict(model, ())[0], checkpoint_id=path)
-
-
-def _load_with_torch(path: str) -> list[str]:
-    """The names of the parameters that do not come back bit for bit."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model = tiny_model("phi3", seed=1, **PHI3_AT_2_AND_3)
-    tp.apply(model, init_device_mesh("cpu", (dist.get_world_size(),)))
-    state, _ = get_state_dict(model, ())
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, (), model_state_dict=state, optim_state_dict={})
-    full, saved = tp.full_state_dict(model), tiny_model("phi3", **PHI3_AT_2_AND_3).state_dict()
-    return [name for name, value in saved.items() if not torch.equal(full[name], value)]
-
-
 def test_torch_dcp_reshards_kv_held_by_need_to_an_even_split(pool2, pool3, tmp_path):
     """Saved at TP=2 (kv heads by need: k and v parts replicated), loaded at TP=3 (3 kv heads split)."""
-    path = str(tmp_path / "dcp")
-    pool2.run(_save_with_torch, path)
-    assert pool3.run(_load_with_torch, path) == [[]] * 3
+    path, saved = str(tmp_path / "dcp"), functools.partial(tiny_model, "phi3", **PHI3_AT_2_AND_3)
+    pool2.run(torch_dcp.save, saved, path)
+    other = functools.partial(tiny_model, "phi3", seed=1, **PHI3_AT_2_AND_3)
+    assert pool3.run(torch_dcp.mismatches, other, saved, path) == [[]] * 3
