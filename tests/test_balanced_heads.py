@@ -15,14 +15,13 @@ import functools
 
 import pytest
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 import tp
 import tp.checks.sizes
 from tp.sharding.heads import Heads
 from tp.sharding.layouts import Layout, Part
-from tp.testing import torch_dcp
+from tp.testing import hf_checkpoint, torch_dcp
 from tp.testing.models import tiny_model
 
 MHA_6 = dict(num_attention_heads=6, num_key_value_heads=6, hidden_size=48, head_dim=8, intermediate_size=96)
@@ -57,34 +56,21 @@ def test_sequence_parallelism_refuses_balanced_heads():
         tp.checks.sizes.check(model, tp.resolve(model, 4, sequence_parallel=True), 4)
 
 
-def _load_generate_save(checkpoint: str, out: str) -> dict:
-    model = tp.from_pretrained(checkpoint, init_device_mesh("cpu", (dist.get_world_size(),)))
-    with torch.no_grad():
-        logits = model(input_ids=IDS).logits
-        tokens = model.generate(IDS, max_new_tokens=6, do_sample=False)
-    tp.save_pretrained(model, out)
+def _stored_heads(model) -> int:
+    """The heads of the first q_proj this rank stores."""
     q_proj = model.model.layers[0].self_attn.q_proj
-    held = sum(p.to_local().shape[0] if isinstance(p, torch.distributed.tensor.DTensor) else p.shape[0]
+    return sum(p.to_local().shape[0] if isinstance(p, DTensor) else p.shape[0]
                for p in q_proj.parameters()) // 8
-    return {"logits": logits, "tokens": tokens, "stored_heads": held}
 
 
 def test_checkpoint_loads_decodes_and_saves_bit_for_bit(pool4, tmp_path):
-    from safetensors.torch import load_file
-
-    reference = tiny_model("llama", **MHA_6).eval()
-    reference.save_pretrained(tmp_path / "ckpt")
-    with torch.no_grad():
-        logits = reference(input_ids=IDS).logits
-        tokens = reference.generate(IDS, max_new_tokens=6, do_sample=False)
-    found = pool4.run(_load_generate_save, str(tmp_path / "ckpt"), str(tmp_path / "saved"))
+    reference = hf_checkpoint.save_and_decode(tiny_model("llama", **MHA_6), IDS, tmp_path / "ckpt")
+    found = pool4.run(hf_checkpoint.load_decode_save, str(tmp_path / "ckpt"), str(tmp_path / "saved"), IDS, _stored_heads)
     for rank in found:
-        assert (rank["logits"] - logits).abs().max().item() <= 1e-5
-        assert torch.equal(rank["tokens"], tokens)
-    assert [rank["stored_heads"] for rank in found] == [6, 6, 6, 6]  # stored whole
-    original, written = load_file(tmp_path / "ckpt" / "model.safetensors"), load_file(tmp_path / "saved" / "model.safetensors")
-    assert written.keys() == original.keys()
-    assert all(torch.equal(written[name], original[name]) for name in original)
+        assert (rank["logits"] - reference["logits"]).abs().max().item() <= 1e-5
+        assert torch.equal(rank["tokens"], reference["tokens"])
+    assert [rank["inspected"] for rank in found] == [6, 6, 6, 6]  # stored whole
+    assert hf_checkpoint.differing_tensors(tmp_path / "ckpt", tmp_path / "saved") == []
 
 
 def test_torch_dcp_reshards_balanced_heads_to_an_even_split(pool2, pool4, tmp_path):

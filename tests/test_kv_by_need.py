@@ -13,13 +13,11 @@ import functools
 
 import pytest
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 
 import tp
 from tp.sharding.heads import Heads
 from tp.sharding.layouts import Part
-from tp.testing import torch_dcp
+from tp.testing import hf_checkpoint, torch_dcp
 from tp.testing.launch import WorkerPool
 from tp.testing.models import tiny_model
 
@@ -61,32 +59,20 @@ def test_kv_heads_by_need_match_the_unsharded_model(family, heads, size, pool2, 
     assert result.collectives_ok and result.per_block_forward == 2, result.table()
 
 
-def _load_generate_save(checkpoint: str, out: str) -> dict:
-    model = tp.from_pretrained(checkpoint, init_device_mesh("cpu", (dist.get_world_size(),)))
-    k_proj = model.model.layers[0].self_attn.k_proj
-    with torch.no_grad():
-        logits = model(input_ids=IDS).logits
-        tokens = model.generate(IDS, max_new_tokens=6, do_sample=False)
-    tp.save_pretrained(model, out)
-    return {"logits": logits, "tokens": tokens, "kv_local_heads": k_proj.weight.to_local().shape[0] // 8,
-            "groups": model.model.layers[0].self_attn.num_key_value_groups}
+def _kv_heads(model) -> tuple[int, int]:
+    """The kv heads this rank's first attention computes with, and its kv groups."""
+    attention = model.model.layers[0].self_attn
+    return attention.k_proj.weight.to_local().shape[0] // 8, attention.num_key_value_groups
 
 
 def test_checkpoint_loads_decodes_and_saves_bit_for_bit(pool2, tmp_path):
-    from safetensors.torch import load_file
-
-    reference = tiny_model("llama", **GQA_6_3).eval()
-    reference.save_pretrained(tmp_path / "ckpt")
-    with torch.no_grad():
-        logits = reference(input_ids=IDS).logits
-        tokens = reference.generate(IDS, max_new_tokens=6, do_sample=False)
-    for found in pool2.run(_load_generate_save, str(tmp_path / "ckpt"), str(tmp_path / "saved")):
-        assert (found["logits"] - logits).abs().max().item() <= 1e-5
-        assert torch.equal(found["tokens"], tokens)
-        assert found["kv_local_heads"] == 3 and found["groups"] == 1  # stored whole; one kv head per query head
-    original, written = load_file(tmp_path / "ckpt" / "model.safetensors"), load_file(tmp_path / "saved" / "model.safetensors")
-    assert written.keys() == original.keys()
-    assert all(torch.equal(written[name], original[name]) for name in original)
+    reference = hf_checkpoint.save_and_decode(tiny_model("llama", **GQA_6_3), IDS, tmp_path / "ckpt")
+    for found in pool2.run(hf_checkpoint.load_decode_save, str(tmp_path / "ckpt"), str(tmp_path / "saved"), IDS,
+                           _kv_heads):
+        assert (found["logits"] - reference["logits"]).abs().max().item() <= 1e-5
+        assert torch.equal(found["tokens"], reference["tokens"])
+        assert found["inspected"] == (3, 1)  # stored whole; one kv head per query head
+    assert hf_checkpoint.differing_tensors(tmp_path / "ckpt", tmp_path / "saved") == []
 
 
 def test_torch_dcp_reshards_kv_held_by_need_to_an_even_split(pool2, pool3, tmp_path):
