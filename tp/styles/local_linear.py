@@ -24,9 +24,9 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..sharding.collectives import g, gather_last_dim, mesh_group, replicated_input
+from ..sharding.heads import Heads
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_local_params, local_of, take_back_params
-from ..sharding.heads import Heads
 from ..sharding.tags import local_rows, place_parameter, replicated_parameter
 from .layout import first_input
 
@@ -41,19 +41,30 @@ def heads_layout(size: int, heads: Heads | None) -> Layout | None:
     return None
 
 
-def _place(module: nn.Module, names: tuple[str, ...], dim: int, heads: Heads | None, mesh: DeviceMesh) -> None:
-    for name in names:
-        param = getattr(module, name, None)
-        if param is not None:
-            layout = heads_layout(param.shape[dim], heads) or Layout((Part(param.shape[dim], 1),))
-            place_parameter(module, name, layout, dim, mesh)
-
-
 def _heads_layouts(module: nn.Module, names: tuple[str, ...], dim: int, heads: Heads | None):
     """Parameter name -> (layout, dim) where the features are heads; None otherwise."""
     found = {name: (layout, dim) for name in names if getattr(module, name, None) is not None
              and (layout := heads_layout(getattr(module, name).shape[dim], heads)) is not None}
     return found or None
+
+
+def _local_shard(name: str, param):
+    return local_of(param)
+
+
+def _place(module: nn.Module, names: tuple[str, ...], dim: int, heads_layouts: dict | None, mesh: DeviceMesh):
+    """Place the parameters ``names`` by their heads layouts, else as single rows; the function that
+    lends the forward a parameter's local tensor: its rows of a whole-stored one (heads split
+    balanced), else the local shard, with no lookup on the hot path."""
+    heads_layouts = heads_layouts or {}
+    for name in names:
+        param = getattr(module, name, None)
+        if param is not None:
+            layout, _ = heads_layouts.get(name, (Layout((Part(param.shape[dim], 1),)), dim))
+            place_parameter(module, name, layout, dim, mesh)
+    if any(layout.repeats_rows(mesh.size()) for layout, _ in heads_layouts.values()):
+        return partial(local_rows, module)
+    return _local_shard
 
 
 def shard_vocab_rows(module: nn.Module, name: str, mesh: DeviceMesh) -> None:
@@ -89,16 +100,16 @@ class LocalColwise(ParallelStyle):
         return _heads_layouts(module, ("weight", "bias"), 0, self.heads)
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        _place(module, ("weight", "bias"), 0, self.heads, device_mesh)
-        module.register_forward_pre_hook(partial(self._lend, mesh_group(device_mesh)), with_kwargs=True)
+        local = _place(module, ("weight", "bias"), 0, self.layouts(module), device_mesh)
+        module.register_forward_pre_hook(partial(self._lend, mesh_group(device_mesh), local), with_kwargs=True)
         module.register_forward_hook(lambda mod, args, out: take_back_params(mod) and None, always_call=True)
         return module
 
     @staticmethod
-    def _lend(group, module, args, kwargs):
+    def _lend(group, local, module, args, kwargs):
         x, rebuild = first_input("LocalColwise", module, args, kwargs)
         x = replicated_input(x, group)
-        lend_local_params(module, ("weight", "bias"), partial(local_rows, module))
+        lend_local_params(module, ("weight", "bias"), local)
         return rebuild(x)
 
     def __repr__(self) -> str:
@@ -126,23 +137,22 @@ class LocalRowwise(ParallelStyle):
         return _heads_layouts(module, ("weight",), 1, self.heads)
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        _place(module, ("weight",), 1, self.heads, device_mesh)
+        local = _place(module, ("weight",), 1, self.layouts(module), device_mesh)
         if module.bias is not None:
             module.register_parameter("bias", replicated_parameter(module.bias, device_mesh))
-        module.register_forward_pre_hook(self._lend, with_kwargs=True)
+        module.register_forward_pre_hook(partial(self._lend, local), with_kwargs=True)
         module.register_forward_hook(partial(self._reduce, mesh_group(device_mesh)), always_call=True)
         return module
 
     @staticmethod
-    def _lend(module, args, kwargs):
+    def _lend(local, module, args, kwargs):
         x, rebuild = first_input("LocalRowwise", module, args, kwargs)
         if isinstance(x, DTensor):
             if tuple(x.placements) != (Shard(x.dim() - 1),):
                 x = x.redistribute(x.device_mesh, [Shard(x.dim() - 1)])
             x = x.to_local()
         # the bias is added once, after the sum: F.linear runs without it
-        lend_local_params(module, ("weight", "bias"),
-                          lambda name, param: local_rows(module, name, param) if name == "weight" else None)
+        lend_local_params(module, ("weight", "bias"), lambda name, param: local(name, param) if name == "weight" else None)
         return rebuild(x)
 
     @staticmethod
@@ -172,7 +182,7 @@ class LocalLmHead(ParallelStyle):
             if getattr(module, name, None) is not None:
                 shard_vocab_rows(module, name, device_mesh)
         group = mesh_group(device_mesh)
-        module.register_forward_pre_hook(partial(LocalColwise._lend, group), with_kwargs=True)
+        module.register_forward_pre_hook(partial(LocalColwise._lend, group, _local_shard), with_kwargs=True)
         module.register_forward_hook(partial(self._gather, group, module.out_features), always_call=True)
         return module
 
