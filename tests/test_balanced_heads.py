@@ -1,8 +1,9 @@
-"""Heads that do not divide by the TP size split balanced, as evenly as they go (6 heads at TP=4:
-2, 2, 1, 1), where the model has as many kv heads as query heads and its attention's projections
-are plain linears (q/k/v/o_proj).
+"""Query heads that do not divide by the TP size split balanced, as evenly as they go (6 heads at
+TP=4: 2, 2, 1, 1), where the attention's projections are plain linears (q/k/v/o_proj).
 
-Rank 0 computes heads 0-1, rank 1 heads 2-3, rank 2 head 4, rank 3 head 5. No DTensor placement
+Rank 0 computes heads 0-1, rank 1 heads 2-3, rank 2 head 4, rank 3 head 5. With fewer kv heads
+than query heads (GQA), each rank holds the kv head of each of its query heads (by need: 6 query
+heads reading 3 kv heads give ranks kv heads 0, 0 / 1, 1 / 2 / 2). No DTensor placement
 gives ranks 2, 2, 1 and 1 heads (``Shard`` splits as ``torch.chunk``: 2, 2, 2, 0), so each
 projection is stored whole on every rank (a replicated DTensor, as kv heads held by need), each
 rank computes with its heads' rows, and the gradients are summed (one all-reduce per projection in
@@ -12,6 +13,7 @@ save bit for bit, and torch's DCP reshards to an even split.
 """
 
 import functools
+import json
 
 import pytest
 import torch
@@ -25,6 +27,9 @@ from tp.testing import hf_checkpoint, torch_dcp
 from tp.testing.models import tiny_model
 
 MHA_6 = dict(num_attention_heads=6, num_key_value_heads=6, hidden_size=48, head_dim=8, intermediate_size=96)
+GQA_6_3 = dict(MHA_6, num_key_value_heads=3)
+HEADS = {"mha-6": MHA_6, "gqa-6q-3kv": GQA_6_3, "gqa-6q-2kv": dict(MHA_6, num_key_value_heads=2),
+         "mqa-6q": dict(MHA_6, num_key_value_heads=1)}
 IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 64, 21]])
 
 
@@ -35,12 +40,14 @@ def test_six_heads_over_four_ranks_are_held_two_two_one_one():
     assert heads.repeats(4) and Layout((heads,)).placement(0, 4) is None  # stored whole
     assert not heads.repeats(2) and [list(heads.local_units(2, rank)) for rank in range(2)] == [[0, 1, 2], [3, 4, 5]]
     assert [Heads(6, 6, 8).local(4, rank).q for rank in range(4)] == [2, 2, 1, 1]
-    # GQA heads are not balanced: their kv heads would not follow
-    assert Heads(6, 3, 8).problems(4) == ["6 attention heads do not divide by tp=4"]
+    # the kv heads of GQA follow their query heads, one per query head
+    assert [Heads(6, 3, 8).local(4, rank) for rank in range(4)] == [Heads(2, 2, 8)] * 2 + [Heads(1, 1, 8)] * 2
 
 
-def test_balanced_heads_match_the_unsharded_model(pool4):
-    result = tp.verify(model_factory=functools.partial(tiny_model, "llama", **MHA_6), pool=pool4, tp=4)
+@pytest.mark.parametrize("family, heads", [("llama", h) for h in HEADS] + [("qwen3", "gqa-6q-3kv")])
+def test_balanced_heads_match_the_unsharded_model(family, heads, pool4):
+    """qwen3 normalises each head's q and k with one shared weight (``head_norm``)."""
+    result = tp.verify(model_factory=functools.partial(tiny_model, family, **HEADS[heads]), pool=pool4, tp=4)
     assert result.logits_max_abs <= 1e-5, result.table()
     assert result.worst_grad_rel <= 1e-4, result.table()
     assert result.gathered_exact, result.gathered_mismatch
@@ -63,8 +70,9 @@ def _stored_heads(model) -> int:
                for p in q_proj.parameters()) // 8
 
 
-def test_checkpoint_loads_decodes_and_saves_bit_for_bit(pool4, tmp_path):
-    reference = hf_checkpoint.save_and_decode(tiny_model("llama", **MHA_6), IDS, tmp_path / "ckpt")
+@pytest.mark.parametrize("heads", ["mha-6", "gqa-6q-3kv"])
+def test_checkpoint_loads_decodes_and_saves_bit_for_bit(heads, pool4, tmp_path):
+    reference = hf_checkpoint.save_and_decode(tiny_model("llama", **HEADS[heads]), IDS, tmp_path / "ckpt")
     found = pool4.run(hf_checkpoint.load_decode_save, str(tmp_path / "ckpt"), str(tmp_path / "saved"), IDS, _stored_heads)
     for rank in found:
         assert (rank["logits"] - reference["logits"]).abs().max().item() <= 1e-5
@@ -73,8 +81,37 @@ def test_checkpoint_loads_decodes_and_saves_bit_for_bit(pool4, tmp_path):
     assert hf_checkpoint.differing_tensors(tmp_path / "ckpt", tmp_path / "saved") == []
 
 
-def test_torch_dcp_reshards_balanced_heads_to_an_even_split(pool2, pool4, tmp_path):
+@pytest.mark.parametrize("heads", ["mha-6", "gqa-6q-3kv"])
+def test_torch_dcp_reshards_balanced_heads_to_an_even_split(heads, pool2, pool4, tmp_path):
     """Saved at TP=4 (heads 2, 2, 1, 1: the projections whole), loaded at TP=2 (3 and 3)."""
-    path, saved = str(tmp_path / "dcp"), functools.partial(tiny_model, "llama", **MHA_6)
+    config = HEADS[heads]
+    path, saved = str(tmp_path / "dcp"), functools.partial(tiny_model, "llama", **config)
     pool4.run(torch_dcp.save, saved, path)
-    assert pool2.run(torch_dcp.mismatches, functools.partial(tiny_model, "llama", seed=1, **MHA_6), saved, path) == [[]] * 2
+    assert pool2.run(torch_dcp.mismatches, functools.partial(tiny_model, "llama", seed=1, **config), saved, path) == [[]] * 2
+
+
+def test_plan_lists_the_rows_each_rank_computes_with(capsys):
+    """The tiny llama (8 query heads, 4 kv heads) at TP=3: query heads 3, 3, 2, each rank's kv heads by need."""
+    from tp import cli
+
+    assert cli.main(["plan", "llama", "--tiny", "--tp", "3"]) in (0, None)
+    text = capsys.readouterr().out
+    assert "k_proj" in text and "weight [32, 64] -> [32, 64] (stored whole; each rank computes with 24 x2, 16 of dim 0)" in text
+    assert "weight [64, 64] -> [64, 64] (stored whole; each rank computes with 24 x2, 16 of dim 1)" in text  # o_proj
+    assert cli.main(["plan", "llama", "--tiny", "--tp", "3", "--json"]) in (0, None)
+    plan = json.loads(capsys.readouterr().out)
+    o_proj = next(m for m in plan["modules"] if m["module"].endswith("self_attn.o_proj"))
+    assert o_proj["parameters"] == [{"name": "weight", "shape": [64, 64], "per_rank": [64, 64], "uneven": None,
+                                     "computes": {"dim": 1, "sizes": [24, 24, 16]}}]
+
+
+def test_a_gated_q_proj_needs_the_heads_to_divide():
+    """Qwen3-Next's q_proj holds each head's q and output gate (2 blocks of head_dim per head), split
+    as torch.chunk splits rows: only where the heads divide does that keep each head's blocks
+    together, matching o_proj's balanced split."""
+    model = tiny_model("qwen3_next", num_attention_heads=6, num_key_value_heads=2, hidden_size=48, head_dim=8,
+                       num_hidden_layers=2, layer_types=["linear_attention", "full_attention"])
+    lines, working = tp.checks.sizes.problems(model, tp.resolve(model, 4), 4)
+    assert lines == ["model.layers.*.self_attn.q_proj: attention heads (2 blocks of head_dim each) = 6 does not "
+                     "divide by tp=4"]
+    assert working == [1, 2]

@@ -79,7 +79,8 @@ def test_plan_json_holds_what_the_text_shows(cli):
     rows = {l.split()[0]: l.split()[1:4] for l in lines if l.startswith(("model.", "lm_head"))}
     assert {m["module"]: [m["type"], m["style"], m["source"].split()[0]] for m in data["modules"]} == rows
     q_proj = next(m for m in data["modules"] if m["module"] == "model.layers.0.self_attn.q_proj")
-    assert q_proj["parameters"] == [{"name": "weight", "shape": [64, 64], "per_rank": [32, 64], "uneven": None}]
+    assert q_proj["parameters"] == [{"name": "weight", "shape": [64, 64], "per_rank": [32, 64], "uneven": None,
+                                    "computes": None}]
     assert q_proj["block_group"] == 0 and data["block_groups"] == [
         {"layers": ["model.layers.0", "model.layers.1"], "count": 2}]
     b = data["parameter_bytes"]
@@ -96,11 +97,11 @@ def test_plan_parameter_bytes_are_what_a_rank_holds(cli, pool2):
 
 
 def test_plan_reports_divisibility_problems_and_working_sizes():
-    out = run("plan", "llama", "--tp", "3", "--tiny")
+    out = run("plan", "phi3", "--tp", "3", "--tiny")
     assert out.returncode == 1
-    assert ("problem: model.layers.*.self_attn.k_proj.weight: kv heads: 4 heads of 8 rows do not divide by tp=3 "
-            "nor does tp divide by it (to replicate them)") in out.stdout
-    assert "TP sizes that divide every sharded size: 1, 2, 4" in out.stdout
+    assert "problem: model.layers.*.self_attn.qkv_proj.weight: q heads: 8 heads of 8 rows do not divide by tp=3" \
+        in out.stdout
+    assert "TP sizes that divide every sharded size: 1, 2, 4, 8" in out.stdout
 
 
 def test_plan_shows_environment_overrides():

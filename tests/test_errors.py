@@ -42,13 +42,14 @@ def _outcome(fn) -> dict:
 # Rank functions (run on every rank of a pool)
 
 
-GQA_6_3 = dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48, head_dim=8)
+# 6 query heads in 3 GQA groups, in phi3's fused qkv_proj, whose parts must split evenly
+PHI3_6_3 = dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48, head_dim=8, intermediate_size=96)
 
 
 def _rank_apply_indivisible_heads() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
-    model = tp.testing.models.tiny_model("llama", **GQA_6_3)
+    model = tp.testing.models.tiny_model("phi3", **PHI3_6_3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
     out = _outcome(lambda: tp.apply(model, mesh))
@@ -89,30 +90,30 @@ def _rank_apply_2d_mesh() -> dict:
 
 
 def test_indivisible_heads_resolve_and_check():
-    # 6 query heads in 3 GQA groups: tp=4 splits neither the query heads nor the kv heads, so it is refused.
-    model = tp.testing.models.tiny_model("llama", **GQA_6_3)
+    # 6 query heads in a fused qkv_proj: tp=4 would split them balanced (2, 2, 1, 1), which the
+    # parts of a fused weight cannot, so it is refused.
+    model = tp.testing.models.tiny_model("phi3", **PHI3_6_3)
     resolved = tp.resolve(model, 4)
     with pytest.raises(tp.SizeError) as info:
         tp.checks.sizes.check(model, resolved, 4)
     message = str(info.value)
-    assert "model.layers.*.self_attn.q_proj: heads (48 / head_dim 8) = 6 does not divide by tp=4" in message
-    assert "model.layers.*.self_attn.k_proj" in message and "model.layers.*.self_attn.v_proj" in message
-    assert "kv heads: 3 heads of 8 rows do not divide by tp=4 nor does tp divide by it" in message
-    # The TP sizes that would work are listed: 3 kv heads split over 1 or 3 ranks, replicated over 6,
-    # or held by need at 2 (rank 0's query heads 0-2 read kv heads 0, 0, 1)
+    assert "model.layers.*.self_attn.qkv_proj.weight: q heads: 6 heads of 8 rows do not divide by tp=4" in message
+    # The TP sizes that would work are listed: 6 query heads split evenly over 1, 2, 3 or 6 ranks
+    # (their 3 kv heads split, held by need at 2, replicated at 6)
     assert message.rstrip().endswith(": 1, 2, 3, 6")
     # One line per module pattern, not one per layer.
-    assert message.count("k_proj") == 1
+    assert message.count("qkv_proj") == 1
     # tp=2 is fine: the kv heads are held by need.
     tp.checks.sizes.check(model, resolved, 2)
 
 
-def test_indivisible_hidden_size():
-    model = tp.testing.models.build(tp.testing.models.family_config("llama"), device="meta")
+def test_indivisible_fused_sizes():
+    # phi3 fuses q, k and v (8 query heads) and gate and up (128 rows each): neither splits over 3 ranks
+    model = tp.testing.models.build(tp.testing.models.family_config("phi3"), device="meta")
     resolved = tp.resolve(model, 3)
     lines, sizes = tp.checks.sizes.problems(model, resolved, 3)
     assert lines and all("tp=3" in line for line in lines)
-    assert any("q_proj" in line for line in lines)
+    assert any("qkv_proj" in line for line in lines) and any("gate_up_proj" in line for line in lines)
     # A vocabulary that does not divide is sharded unevenly (exact), so it is not a problem.
     assert not any("embed_tokens" in line or "lm_head" in line for line in lines)
     assert 3 not in sizes and {1, 2, 4} <= set(sizes)
@@ -126,9 +127,9 @@ def test_indivisible_heads_apply_on_4_ranks(pool4):
     for out in results:
         assert out["raised"] and out["type"] == "SizeError" and out["is_tp_error"], out
         message = out["message"]
-        assert "self_attn.k_proj" in message and "tp=4" in message
-        assert "kv heads: 3 heads" in message
-        # 3 kv heads split over 3 ranks, replicated over 6 or held by need at 2; 6 query heads allow no more
+        assert "self_attn.qkv_proj" in message and "tp=4" in message
+        assert "q heads: 6 heads" in message
+        # 6 query heads split evenly over 1, 2, 3 or 6 ranks
         assert message.rstrip().endswith("TP sizes that divide every sharded size of this model: 1, 2, 3, 6")
         # Early: raised before anything was sharded.
         assert not out["sharded_after_error"] and out["unchanged"]

@@ -42,7 +42,13 @@ def test_each_rank_holds_the_kv_head_of_each_of_its_query_heads():
     assert [list(Part(4, 8, replicable=True, serves=12).local_units(2, r)) for r in range(2)] == [[0, 1], [2, 3]]
     assert [list(Part(2, 8, replicable=True, serves=12).local_units(4, r)) for r in range(4)] == [[0], [0], [1], [1]]
     assert Heads(6, 3, 8).local(2) == Heads(3, 3, 8) and Heads(6, 3, 8).local(2).count("groups") == 1
-    assert Heads(6, 3, 8).problems(4) == ["6 attention heads do not divide by tp=4"]
+    # query heads split balanced (6 over 4 ranks: 2, 2, 1, 1): each rank's kv heads follow them
+    kv = Part(3, 8, replicable=True, serves=6)
+    assert [list(kv.local_units(4, rank)) for rank in range(4)] == [[0, 0], [1, 1], [2], [2]]
+    kv = Part(2, 8, replicable=True, serves=6)  # tp a multiple of the kv heads, but rank 1 reads both
+    assert [list(kv.local_units(4, rank)) for rank in range(4)] == [[0, 0], [0, 1], [1], [1]]
+    assert [Heads(6, 3, 8).local(4, rank) for rank in (0, 3)] == [Heads(2, 2, 8), Heads(1, 1, 8)]
+    assert Heads(6, 3, 8).problems(4) == [] and Heads(6, 3, 8).problems(8) == ["6 attention heads do not divide by tp=8"]
 
 
 @pytest.mark.parametrize("family, heads, size", [

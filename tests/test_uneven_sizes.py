@@ -55,14 +55,15 @@ def test_packed_gate_up_is_refused_with_the_reason():
     assert 2 not in working and 1 in working
 
 
-def test_gqa_heads_are_not_split_unevenly():
+def test_heads_are_not_split_as_rows():
     # 6 query heads of 8 features: 48 features would split 12/12/12/12 at TP=4, cutting heads apart.
-    # With as many kv heads as query heads they split balanced instead (tests/test_balanced_heads.py).
+    # Plain q/k/v/o linears split them balanced instead (tests/test_balanced_heads.py); under sequence
+    # parallelism o_proj is torch's RowwiseParallel, which splits rows as torch.chunk does: refused
     model = tp.testing.models.tiny_model("llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=48,
                                          head_dim=8, intermediate_size=201)
-    lines, _ = tp.checks.sizes.problems(model, tp.resolve(model, 4), 4)
-    assert any("q_proj" in line and "heads (48 / head_dim 8) = 6 does not divide by tp=4" in line for line in lines)
-    assert not any("mlp" in line for line in lines)
+    assert tp.checks.sizes.problems(model, tp.resolve(model, 4), 4)[0] == []
+    lines, _ = tp.checks.sizes.problems(model, tp.resolve(model, 4, sequence_parallel=True), 4)
+    assert any("o_proj" in line and "heads (48 / head_dim 8) = 6 does not divide by tp=4" in line for line in lines)
     # T5's 8 heads at TP=3 would split balanced (3, 3, 2), but its relative attention bias holds one
     # value per head, split as torch.chunk splits it: refused, naming it
     t5 = tp.testing.models.build(tp.testing.models.family_config("t5"), device="meta")
@@ -191,7 +192,7 @@ def test_plan_lists_each_ranks_size(monkeypatch, capsys):
     plan = json.loads(capsys.readouterr().out)
     down = next(m for m in plan["modules"] if m["module"].endswith("mlp.down_proj"))
     assert down["parameters"] == [{"name": "weight", "shape": [64, 203], "per_rank": [64, 51],
-                                   "uneven": {"dim": 1, "sizes": [51, 51, 51, 50]}}]
+                                   "uneven": {"dim": 1, "sizes": [51, 51, 51, 50]}, "computes": None}]
     norm = next(m for m in plan["modules"] if m["module"] == "model.norm")
     assert norm["parameters"][0]["uneven"] is None
 

@@ -179,7 +179,8 @@ def _plan(args) -> int:
 
 
 # "weight [201, 64] -> [101, 64] (dim 0 per rank: 101, 100)": the note only where ranks differ
-_PARAMETER = re.compile(r"([\w.]+) \[([\d, ]*)\] -> \[([\d, ]*)\](?: \(dim (\d+) per rank: ([\dx, ]+)\))?")
+_PARAMETER = re.compile(r"([\w.]+) \[([\d, ]*)\] -> \[([\d, ]*)\](?: \((?:dim (\d+) per rank: ([\dx, ]+)|"
+                        r"stored whole; each rank computes with ([\dx, ]+) of dim (\d+))\))?")
 
 
 def _numbers(text: str) -> list[int]:
@@ -209,10 +210,13 @@ class PlanView:
     def parameters(self, row) -> list[dict]:
         """The row's parameters, read back from its shapes column: global and per-rank shape (rank
         0's, the largest), and where the ranks hold different sizes, each rank's size of the
-        sharded dimension (``uneven``: ``{dim, sizes}``, else null)."""
+        sharded dimension (``uneven``: ``{dim, sizes}``, else null), and where the tensor is stored
+        whole for a layout that gives some rows to several ranks, how many of the dimension each
+        rank computes with (``computes``: ``{dim, sizes}``, else null)."""
         return [{"name": name, "shape": _numbers(whole), "per_rank": _numbers(local),
-                 "uneven": {"dim": int(dim), "sizes": _runs(sizes)} if dim else None}
-                for name, whole, local, dim, sizes in _PARAMETER.findall(row.shapes)]
+                 "uneven": {"dim": int(dim), "sizes": _runs(sizes)} if dim else None,
+                 "computes": {"dim": int(used_dim), "sizes": _runs(used)} if used_dim else None}
+                for name, whole, local, dim, sizes, used, used_dim in _PARAMETER.findall(row.shapes)]
 
     def parameter_bytes(self) -> tuple[int, int]:
         """(unsharded, per rank): every parameter once (tied ones too), at its per-rank shape."""

@@ -110,8 +110,8 @@ def fit(model: nn.Module, mesh: DeviceMesh, resolved: ResolvedPlan, options: dic
     options = {**options, "inference": inference}
     dropped = {key: f"at tp={mesh.size()}, {why}" for key, why in sizes.unit_problems(model, resolved, mesh.size()).items()}
     working = [key for key in resolved.units if key not in dropped]
-    if not working:
-        return resolved  # sizes.check refuses with every size that does not divide
+    if all(is_end_unit(key) for key in working):
+        return resolved  # no block's unit is left: sizes.check refuses with every size that does not divide
     if trial:
         # the twin's logits are compared whole, so its trial gathers them
         failing = failing_units(inference.twin, mesh, working, {**options, "loss_parallel": False})

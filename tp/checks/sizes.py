@@ -43,12 +43,21 @@ def local_shape(shape: tuple[int, ...], dim: int | None, tp: int, layout: Layout
 
 
 def uneven_note(shape: tuple[int, ...], dim: int | None, tp: int, layout: Layout | None = None) -> str:
-    """For ``tp plan``: " (dim 0 per rank: 101, 100)" where the ranks hold different sizes, else ""."""
+    """For ``tp plan``: " (dim 0 per rank: 101, 100)" where the ranks hold different sizes, the rows
+    each rank computes with where the tensor is stored whole for a layout, else ""."""
+    if dim is not None and layout is not None and layout.repeats_rows(tp):
+        used = [len(layout.rows(tp, rank)) for rank in range(tp)]
+        return f" (stored whole; each rank computes with {_runs(used)} of dim {dim})"
     sizes = rank_sizes(shape, dim, tp, layout)
     if sizes is None or len(set(sizes)) == 1:
         return ""
+    return f" (dim {dim} per rank: {_runs(sizes)})"
+
+
+def _runs(sizes: list[int]) -> str:
+    """``[24, 24, 16]`` as "24 x2, 16"."""
     runs = [(size, len(list(group))) for size, group in itertools.groupby(sizes)]
-    return f" (dim {dim} per rank: " + ", ".join(f"{s} x{n}" if n > 1 else str(s) for s, n in runs) + ")"
+    return ", ".join(f"{s} x{n}" if n > 1 else str(s) for s, n in runs)
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,7 @@ def constraints(model: nn.Module, plan: ResolvedPlan, paths: set[str] | None = N
             continue
         module = model.get_submodule(path)
         style = decision.style.style
-        if (plan.heads is not None and plan.heads.q == plan.heads.kv and not style.reads_balanced_heads
+        if (plan.heads is not None and not style.reads_balanced_heads
                 and style.input_layout(decision.style.options) is Act.FEATURES):
             # heads that do not divide split balanced (2, 2, 1, 1), which this style cannot read
             found.append(Constraint(path, f"attention heads ({decision.style.name} reads them split)", plan.heads.q))
@@ -122,6 +131,13 @@ def constraints(model: nn.Module, plan: ResolvedPlan, paths: set[str] | None = N
             # In attention, a shard must hold whole heads, not just a whole number of features.
             if name == "weight" and head_dim and not per_head and size % head_dim == 0:
                 found.append(Constraint(path, f"heads ({size} / head_dim {head_dim})", size // head_dim))
+                heads = decision.heads or plan.heads
+                if heads is not None and size // head_dim != heads.q and size // head_dim % heads.q == 0:
+                    # several blocks per query head (a gated q_proj: q and gate of each head) split
+                    # as torch.chunk splits them, which keeps each head's blocks together only
+                    # where the heads divide
+                    found.append(Constraint(path, f"attention heads ({size // head_dim // heads.q} blocks "
+                                                  "of head_dim each)", heads.q))
     return found, laid_out
 
 

@@ -25,13 +25,14 @@ class Heads:
         return Part(self.kv, self.dim, replicable=True, serves=self.q).by_need(tp)
 
     def balanced(self, tp: int) -> bool:
-        """Whether the heads split unevenly, balanced (as many kv as query heads, ``Part.balances``)."""
-        return Part(self.q, self.dim, balanced=self.q == self.kv).balances(tp)
+        """Whether the query heads split unevenly, balanced (``Part.balances``); their kv heads are
+        then held by need."""
+        return Part(self.q, self.dim, balanced=True).balances(tp)
 
     def local(self, tp: int, rank: int = 0) -> Heads:
         """Heads on rank ``rank``: kv heads are replicated when there are fewer of them than ranks,
-        and held one per query head when they neither split nor divide the ranks; heads split
-        balanced give the first ``q % tp`` ranks one more."""
+        and held one per query head when they neither split nor divide the ranks; query heads split
+        balanced give the first ``q % tp`` ranks one more, each with its kv head held by need."""
         if self.balanced(tp):
             held = self.q // tp + (rank < self.q % tp)
             return Heads(held, held, self.dim)

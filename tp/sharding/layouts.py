@@ -17,9 +17,10 @@ so every rank holds the kv head its query heads use. kv heads that neither divid
 nor divide it (3 kv heads for 6 query heads at TP=2: rank 0's query heads 0-2 read kv heads 0, 0
 and 1) are held by need: a part that ``serves`` that many query heads gives each rank the kv head
 of each of its query heads, in order, so the rank's attention has one kv head per query head.
-Heads alone in their layout with as many kv as query heads split balanced where they do not divide
-(``balanced``: 6 heads over 4 ranks as 2, 2, 1, 1, the first ``units % tp`` ranks one more, as
-DeepSpeed splits them); no DTensor placement describes that, so such a weight is stored whole.
+Query heads alone in their layout split balanced where they do not divide (``balanced``: 6 heads
+over 4 ranks as 2, 2, 1, 1, the first ``units % tp`` ranks one more, as DeepSpeed splits them), and
+the kv heads they read are then held by need (6 query heads reading 3 kv heads at TP=4: kv heads
+0, 0 / 1, 1 / 2 / 2); no DTensor placement describes that, so such a weight is stored whole.
 Falcon's kv groups (``[q heads of the group; k; v]``, ``group_q`` query heads each) with fewer
 groups than ranks are shared alike: each of a group's ranks holds its share of the group's query
 heads, then the group's k and v.
@@ -44,6 +45,19 @@ from torch.distributed.tensor import Placement, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 
+def _uneven(units: int, tp: int) -> bool:
+    """Whether ``units`` heads split over ``tp`` ranks unevenly, each rank holding at least one."""
+    return 1 < tp < units and units % tp != 0
+
+
+def balanced_block(units: int, tp: int, rank: int) -> range:
+    """The units rank ``rank`` holds when ``units`` split as evenly as they go, in rank order, the
+    first ``units % tp`` ranks one more (6 over 4: 0-1, 2-3, 4, 5; an even split where tp divides)."""
+    per, more = divmod(units, tp)
+    start = rank * per + min(rank, more)
+    return range(start, start + per + (rank < more))
+
+
 @dataclass(frozen=True)
 class Part:
     """``units`` whole units of ``unit_rows`` rows each; a replicable part may have fewer units than ranks."""
@@ -62,7 +76,7 @@ class Part:
 
     def balances(self, tp: int) -> bool:
         """Whether the heads split unevenly, as evenly as they go (6 over 4 ranks: 2, 2, 1, 1)."""
-        return self.balanced and 1 < tp < self.units and self.units % tp != 0
+        return self.balanced and _uneven(self.units, tp)
 
     def splits_groups(self, tp: int) -> bool:
         """Whether ranks share kv groups (fewer groups than ranks): each of a group's ranks holds
@@ -71,9 +85,11 @@ class Part:
                 and self.group_q % (tp // self.units) == 0)
 
     def by_need(self, tp: int) -> bool:
-        """Whether each rank holds the units its ``serves`` query heads read (one per query head)."""
-        return (self.replicable and self.serves > 0 and self.units % tp != 0 and tp % self.units != 0
-                and self.serves % tp == 0 and self.serves % self.units == 0)
+        """Whether each rank holds the units its ``serves`` query heads read (one per query head):
+        the kv heads neither split nor replicate evenly, or the query heads split balanced."""
+        if not (self.replicable and self.serves > 0 and self.serves % self.units == 0 and self.units % tp != 0):
+            return False
+        return _uneven(self.serves, tp) or (tp % self.units != 0 and self.serves % tp == 0)
 
     def repeats(self, tp: int) -> bool:
         """Whether it is stored whole on every rank: some of its units go to more than one rank, or
@@ -117,12 +133,10 @@ class Part:
         with other ranks when a replicable part has fewer units than ranks, or, held by need, the
         unit of each query head the rank computes."""
         if self.balances(tp):
-            per, more = divmod(self.units, tp)
-            start = rank * per + min(rank, more)
-            return range(start, start + per + (rank < more))
+            return balanced_block(self.units, tp, rank)
         if self.by_need(tp):
-            per_rank, per_unit = self.serves // tp, self.serves // self.units
-            return [head // per_unit for head in range(rank * per_rank, (rank + 1) * per_rank)]
+            per_unit = self.serves // self.units
+            return [head // per_unit for head in balanced_block(self.serves, tp, rank)]
         if self.units < tp and (self.replicable or self.splits_groups(tp)):
             unit = rank * self.units // tp
             return range(unit, unit + 1)

@@ -73,4 +73,7 @@ def _per_head_weights(site: Site) -> dict[str, int]:
 HEAD_NORM = Style(
     name="head_norm", build=lambda site: HeadNorm(head_dim=site.args.head_dim), args=HeadNormArgs,
     doc="a norm applied per attention head inside the head-sharded region (q_norm / k_norm)",
-    reads=Act.FEATURES, leaves=Act.FEATURES, sharded_dims=_per_head_weights)
+    reads=Act.FEATURES, leaves=Act.FEATURES, sharded_dims=_per_head_weights,
+    # each rank normalises its own heads with the shared weight; a per-head weight is a per-head
+    # value, which tp.checks.sizes asks to divide
+    reads_balanced_heads=True)

@@ -92,9 +92,9 @@ def build_layout(size: int, *, parts, unit: str, heads: Heads | None, where: str
         unknown = [p for p in parts if p not in kinds]
         if unknown:
             raise PlanError(f"{where}: unknown part {unknown[0]!r}; parts are 'q' and 'kv', or a number")
-        # with as many kv heads as query heads, heads alone in a layout may split unevenly, balanced
+        # query heads alone in a layout may split unevenly, balanced; their kv heads follow by need
         layout = Layout(tuple(Part(kinds[p][0], heads.dim, kinds[p][1], name=f"{p} heads", unit="heads",
-                                   serves=heads.q if p == "kv" else 0, balanced=heads.q == heads.kv)
+                                   serves=heads.q if p == "kv" else 0, balanced=p == "q")
                               for p in parts))
         if layout.size != size:
             raise PlanError(f"{where}: parts {list(parts)} make {layout.size} rows ({heads}), "

@@ -32,11 +32,11 @@ from .layout import first_input
 
 
 def heads_layout(size: int, heads: Heads | None) -> Layout | None:
-    """The layout of a plain linear's ``size`` sharded features when they are all the heads of its
-    attention, with as many kv heads as query heads (q_proj, o_proj): whole heads, balanced where
-    they do not divide (6 over 4 ranks as 2, 2, 1, 1). None for other features, split as
-    ``torch.chunk`` splits them (and GQA heads, which ``tp.checks.sizes`` checks divide)."""
-    if heads is not None and heads.q == heads.kv and size == heads.q * heads.dim:
+    """The layout of a plain linear's ``size`` sharded features when they are all the query heads
+    of its attention (q_proj, o_proj): whole heads, balanced where they do not divide (6 over 4
+    ranks as 2, 2, 1, 1). None for other features, split as ``torch.chunk`` splits them (and
+    GQA kv heads, which ``tp.checks.sizes`` checks divide)."""
+    if heads is not None and size == heads.q * heads.dim:
         return Layout((Part(heads.q, heads.dim, name="heads", unit="heads", balanced=True),))
     return None
 
