@@ -22,6 +22,12 @@ def pool2():
 
 
 @pytest.fixture(scope="session")
+def pool3():
+    with WorkerPool(3) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="session")
 def pool4():
     with WorkerPool(4) as pool:
         yield pool

@@ -1,5 +1,7 @@
 """Query heads that do not divide by the TP size split balanced, as evenly as they go (6 heads at
-TP=4: 2, 2, 1, 1), where the attention's projections are plain linears (q/k/v/o_proj).
+TP=4: 2, 2, 1, 1): in plain q/k/v/o linears, in fused projections of q, k and v parts (phi3's
+``qkv_proj``, GPT-2's ``c_attn``, MPT's ``Wqkv``) and in fused projections of whole heads (Bloom,
+GPT-NeoX and GPT-BigCode interleave each head's q, k and v).
 
 Rank 0 computes heads 0-1, rank 1 heads 2-3, rank 2 head 4, rank 3 head 5. With fewer kv heads
 than query heads (GQA), each rank holds the kv head of each of its query heads (by need: 6 query
@@ -28,6 +30,13 @@ from tp.testing.models import tiny_model
 
 MHA_6 = dict(num_attention_heads=6, num_key_value_heads=6, hidden_size=48, head_dim=8, intermediate_size=96)
 GQA_6_3 = dict(MHA_6, num_key_value_heads=3)
+FUSED = {  # family: (config, TP size)
+    "phi3": (GQA_6_3, 4),  # qkv_proj [q; k; v] parts
+    "gpt2": (dict(num_attention_heads=6, hidden_size=48, n_inner=96), 4),  # Conv1D c_attn and c_proj
+    "mpt": (dict(num_attention_heads=6, hidden_size=48), 4),  # Wqkv; ALiBi sliced to each rank's heads
+    "bloom": ({}, 3),  # 8 heads, each one's q, k and v together; ALiBi folded with the batch
+    "gpt_neox": (dict(intermediate_size=96), 3),
+}
 HEADS = {"mha-6": MHA_6, "gqa-6q-3kv": GQA_6_3, "gqa-6q-2kv": dict(MHA_6, num_key_value_heads=2),
          "mqa-6q": dict(MHA_6, num_key_value_heads=1)}
 IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 64, 21]])
@@ -115,3 +124,34 @@ def test_a_gated_q_proj_needs_the_heads_to_divide():
     assert lines == ["model.layers.*.self_attn.q_proj: attention heads (2 blocks of head_dim each) = 6 does not "
                      "divide by tp=4"]
     assert working == [1, 2]
+
+
+@pytest.mark.parametrize("family", sorted(FUSED))
+def test_balanced_heads_in_fused_projections_match_the_unsharded_model(family, pool3, pool4):
+    config, size = FUSED[family]
+    result = tp.verify(model_factory=functools.partial(tiny_model, family, **config),
+                       pool={3: pool3, 4: pool4}[size], tp=size)
+    assert result.logits_max_abs <= 1e-5, result.table()
+    assert result.worst_grad_rel <= 1e-4, result.table()
+    assert result.gathered_exact, result.gathered_mismatch
+    # the projections are stored whole: one more backward all-reduce per parameter
+    assert result.collectives_ok and result.per_block_forward == 2, result.table()
+
+
+def test_sequence_parallelism_with_balanced_heads_in_gpt2(pool4):
+    """GPT-2's c_proj is a Conv1D, which tp's row style runs on this rank's input features whatever
+    their split; a plain o_proj under sequence parallelism is torch's RowwiseParallel (refused above)."""
+    config, size = FUSED["gpt2"]
+    result = tp.verify(model_factory=functools.partial(tiny_model, "gpt2", **config), pool=pool4, tp=size,
+                       sequence_parallel=True)
+    assert result.logits_max_abs <= 1e-5, result.table()
+    assert result.worst_grad_rel <= 1e-4, result.table()
+    assert result.collectives_ok, result.table()
+
+
+def test_torch_dcp_reshards_fused_balanced_heads_to_an_even_split(pool2, pool4, tmp_path):
+    """phi3 saved at TP=4 (the q part whole, heads 2, 2, 1, 1), loaded at TP=2 (3 and 3)."""
+    config, _ = FUSED["phi3"]
+    path, saved = str(tmp_path / "dcp"), functools.partial(tiny_model, "phi3", **config)
+    pool4.run(torch_dcp.save, saved, path)
+    assert pool2.run(torch_dcp.mismatches, functools.partial(tiny_model, "phi3", seed=1, **config), saved, path) == [[]] * 2

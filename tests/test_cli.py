@@ -99,8 +99,8 @@ def test_plan_parameter_bytes_are_what_a_rank_holds(cli, pool2):
 def test_plan_reports_divisibility_problems_and_working_sizes():
     out = run("plan", "phi3", "--tp", "3", "--tiny")
     assert out.returncode == 1
-    assert "problem: model.layers.*.self_attn.qkv_proj.weight: q heads: 8 heads of 8 rows do not divide by tp=3" \
-        in out.stdout
+    assert ("problem: model.layers.*.mlp.gate_up_proj.weight: each of 2 equal parts: 128 rows do not divide by "
+            "tp=3") in out.stdout
     assert "TP sizes that divide every sharded size: 1, 2, 4, 8" in out.stdout
 
 

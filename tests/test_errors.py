@@ -42,14 +42,15 @@ def _outcome(fn) -> dict:
 # Rank functions (run on every rank of a pool)
 
 
-# 6 query heads in 3 GQA groups, in phi3's fused qkv_proj, whose parts must split evenly
-PHI3_6_3 = dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48, head_dim=8, intermediate_size=96)
+# 6 query heads in 3 GQA groups, with Cohere's q/k LayerNorms: one weight row per head, which must divide
+COHERE_6_3 = dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48, head_dim=8, intermediate_size=96,
+                  use_qk_norm=True)
 
 
 def _rank_apply_indivisible_heads() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
-    model = tp.testing.models.tiny_model("phi3", **PHI3_6_3)
+    model = tp.testing.models.tiny_model("cohere", **COHERE_6_3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
     out = _outcome(lambda: tp.apply(model, mesh))
@@ -90,30 +91,29 @@ def _rank_apply_2d_mesh() -> dict:
 
 
 def test_indivisible_heads_resolve_and_check():
-    # 6 query heads in a fused qkv_proj: tp=4 would split them balanced (2, 2, 1, 1), which the
-    # parts of a fused weight cannot, so it is refused.
-    model = tp.testing.models.tiny_model("phi3", **PHI3_6_3)
+    # The heads would split balanced at tp=4 (2, 2, 1, 1), but Cohere's q/k norms hold one weight
+    # row per head, split as torch.chunk splits it: refused, naming both.
+    model = tp.testing.models.tiny_model("cohere", **COHERE_6_3)
     resolved = tp.resolve(model, 4)
     with pytest.raises(tp.SizeError) as info:
         tp.checks.sizes.check(model, resolved, 4)
     message = str(info.value)
-    assert "model.layers.*.self_attn.qkv_proj.weight: q heads: 6 heads of 8 rows do not divide by tp=4" in message
-    # The TP sizes that would work are listed: 6 query heads split evenly over 1, 2, 3 or 6 ranks
-    # (their 3 kv heads split, held by need at 2, replicated at 6)
-    assert message.rstrip().endswith(": 1, 2, 3, 6")
+    assert "model.layers.*.self_attn.q_norm: weight.shape[0] = 6 does not divide by tp=4" in message
+    assert "model.layers.*.self_attn.k_norm: weight.shape[0] = 3 does not divide by tp=4" in message
+    # The TP sizes that would work are listed: the 3 kv heads' norm rows split over 1 or 3 ranks
+    assert message.rstrip().endswith(": 1, 3")
     # One line per module pattern, not one per layer.
-    assert message.count("qkv_proj") == 1
-    # tp=2 is fine: the kv heads are held by need.
-    tp.checks.sizes.check(model, resolved, 2)
+    assert message.count("q_norm") == 1
+    tp.checks.sizes.check(model, resolved, 3)
 
 
 def test_indivisible_fused_sizes():
-    # phi3 fuses q, k and v (8 query heads) and gate and up (128 rows each): neither splits over 3 ranks
+    # phi3 fuses gate and up (128 rows each), which do not split over 3 ranks
     model = tp.testing.models.build(tp.testing.models.family_config("phi3"), device="meta")
     resolved = tp.resolve(model, 3)
     lines, sizes = tp.checks.sizes.problems(model, resolved, 3)
     assert lines and all("tp=3" in line for line in lines)
-    assert any("qkv_proj" in line for line in lines) and any("gate_up_proj" in line for line in lines)
+    assert any("gate_up_proj" in line for line in lines)
     # A vocabulary that does not divide is sharded unevenly (exact), so it is not a problem.
     assert not any("embed_tokens" in line or "lm_head" in line for line in lines)
     assert 3 not in sizes and {1, 2, 4} <= set(sizes)
@@ -127,10 +127,9 @@ def test_indivisible_heads_apply_on_4_ranks(pool4):
     for out in results:
         assert out["raised"] and out["type"] == "SizeError" and out["is_tp_error"], out
         message = out["message"]
-        assert "self_attn.qkv_proj" in message and "tp=4" in message
-        assert "q heads: 6 heads" in message
-        # 6 query heads split evenly over 1, 2, 3 or 6 ranks
-        assert message.rstrip().endswith("TP sizes that divide every sharded size of this model: 1, 2, 3, 6")
+        assert "self_attn.q_norm" in message and "tp=4" in message
+        assert "self_attn.k_norm: weight.shape[0] = 3" in message
+        assert message.rstrip().endswith("TP sizes that divide every sharded size of this model: 1, 3")
         # Early: raised before anything was sharded.
         assert not out["sharded_after_error"] and out["unchanged"]
     assert len({out["message"] for out in results}) == 1

@@ -91,12 +91,21 @@ def test_slices_of_plain_heads():
 
 
 def test_slice_refuses_what_it_cannot_split():
-    with pytest.raises(PlanError, match="split over tp=3"):
-        SliceHeadInput(kwarg="alibi", heads=8)._slice(torch.zeros(16, 1, 4), 3, 0, "test")
+    with pytest.raises(PlanError, match="split over tp=16"):  # fewer heads than ranks
+        SliceHeadInput(kwarg="alibi", heads=8)._slice(torch.zeros(16, 1, 4), 16, 0, "test")
     with pytest.raises(PlanError, match="batch x 8"):
         SliceHeadInput(kwarg="alibi", heads=8)._slice(torch.zeros(12, 1, 4), 2, 0, "test")
     with pytest.raises(PlanError, match="requires a gradient"):
         SliceHeadInput(kwarg="alibi")._slice(torch.zeros(8, 1, 4, requires_grad=True), 2, 0, "test")
+
+
+def test_slice_follows_a_balanced_head_split():
+    """8 heads over 3 ranks, as the projections split them: 3, 3, 2; batch-folded [batch * heads] too."""
+    bias = torch.arange(8.0).view(8, 1, 1)
+    assert [SliceHeadInput(kwarg="alibi")._slice(bias, 3, rank, "test").flatten().tolist() for rank in range(3)] == \
+        [[0, 1, 2], [3, 4, 5], [6, 7]]
+    folded = torch.arange(16.0).view(16, 1, 1)  # batch 2 x 8 heads
+    assert SliceHeadInput(kwarg="alibi", heads=8)._slice(folded, 3, 2, "test").flatten().tolist() == [6, 7, 14, 15]
 
 
 def test_hook_slices_keyword_and_positional_and_passes_none():

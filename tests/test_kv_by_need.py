@@ -18,19 +18,12 @@ import tp
 from tp.sharding.heads import Heads
 from tp.sharding.layouts import Part
 from tp.testing import hf_checkpoint, torch_dcp
-from tp.testing.launch import WorkerPool
 from tp.testing.models import tiny_model
 
 GQA_6_3 = dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48, head_dim=8)
 GQA_12_4 = dict(num_attention_heads=12, num_key_value_heads=4, hidden_size=96, head_dim=8)
 PHI3_AT_2_AND_3 = dict(GQA_6_3, intermediate_size=96)  # gate and up split evenly over 2 and 3 ranks
 IDS = torch.tensor([[5, 17, 42, 8, 99, 3, 64, 21]])
-
-
-@pytest.fixture(scope="module")
-def pool3():
-    with WorkerPool(3) as pool:
-        yield pool
 
 
 def test_each_rank_holds_the_kv_head_of_each_of_its_query_heads():

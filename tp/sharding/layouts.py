@@ -9,7 +9,8 @@ in order: Megatron's "stride".
 A part of single rows that nothing groups (an MLP's intermediate features, a convolution's
 channels) may split unevenly, as ``torch.chunk`` and DTensor's ``Shard`` split: every rank
 ``ceil(units / tp)`` rows, the last ones fewer (rank 0 holds the larger shard), none refused. Only a
-layout of that one part may: the parts of a fused weight must split evenly, and heads must stay whole.
+layout of that one part may: the row parts of a fused weight (gate and up) must split evenly, and
+heads must stay whole (query heads split balanced, below).
 
 A part with fewer units than ranks (the kv heads of GQA with TP > kv heads, or the single
 kv head of multi-query attention) is replicated: rank ``r`` holds unit ``r * units // tp``,
@@ -17,7 +18,7 @@ so every rank holds the kv head its query heads use. kv heads that neither divid
 nor divide it (3 kv heads for 6 query heads at TP=2: rank 0's query heads 0-2 read kv heads 0, 0
 and 1) are held by need: a part that ``serves`` that many query heads gives each rank the kv head
 of each of its query heads, in order, so the rank's attention has one kv head per query head.
-Query heads alone in their layout split balanced where they do not divide (``balanced``: 6 heads
+Query heads split balanced where they do not divide (``balanced``: 6 heads
 over 4 ranks as 2, 2, 1, 1, the first ``units % tp`` ranks one more, as DeepSpeed splits them), and
 the kv heads they read are then held by need (6 query heads reading 3 kv heads at TP=4: kv heads
 0, 0 / 1, 1 / 2 / 2); no DTensor placement describes that, so such a weight is stored whole.
@@ -72,7 +73,7 @@ class Part:
     uneven: bool = False  # alone in its layout, it may split as torch.chunk does (rows nothing groups)
     serves: int = 0  # kv heads: the query heads they serve, each rank's held by need when no even split exists
     group_q: int = 0  # kv groups: the query heads of each group (its k and v heads follow them)
-    balanced: bool = False  # heads alone in their layout: where they do not divide, the first units % tp ranks hold one more
+    balanced: bool = False  # query heads: where they do not divide, the first units % tp ranks hold one more
 
     def balances(self, tp: int) -> bool:
         """Whether the heads split unevenly, as evenly as they go (6 over 4 ranks: 2, 2, 1, 1)."""
@@ -113,7 +114,7 @@ class Part:
             return None
         if (self.replicable and (tp % self.units == 0 or self.by_need(tp))) or self.splits_groups(tp):
             return None
-        if self.balances(tp) and alone:
+        if self.balances(tp):
             return None
         if self.uneven and alone and self.multiple == 1:
             if len(self.local_units(tp, tp - 1)):

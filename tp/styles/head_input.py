@@ -8,6 +8,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..errors import PlanError
+from ..sharding.layouts import balanced_block
 from .descriptor import Act, Args, Style
 
 
@@ -17,7 +18,8 @@ class SliceHeadInput(ParallelStyle):
     ALiBi models build one bias per attention head outside the attention (Bloom's ``alibi``,
     MPT's ``position_bias``) and pass the whole tensor to every layer. Once the attention's
     projections are sharded by heads, rank ``r`` of ``T`` computes heads
-    ``[r * H / T, (r + 1) * H / T)`` and must add only their biases. A forward pre-hook on the
+    ``[r * H / T, (r + 1) * H / T)`` (balanced where ``T`` does not divide ``H``: 6 heads over 4
+    ranks as 2, 2, 1, 1) and must add only their biases. A forward pre-hook on the
     attention module narrows the tensor to those heads; nothing is communicated.
 
     The heads dimension holds either the ``H`` heads, or ``B * H`` entries of batch-major
@@ -51,15 +53,15 @@ class SliceHeadInput(ParallelStyle):
         dim = self.head_dim % x.dim()
         size = x.shape[dim]
         heads = self.heads or size
-        if size % heads or heads % tp:
+        if size % heads or heads < tp:
             raise PlanError(f"{where}: {self.kwarg} has {size} entries along dimension {dim}, which must hold "
                             f"{heads} heads (or batch x {heads}) split over tp={tp} ranks")
         if x.requires_grad:
             raise PlanError(f"{where}: {self.kwarg} requires a gradient; head_input slices constant per-head "
                             "tensors only, and this one's gradient would hold just this rank's heads")
-        local = heads // tp
+        local = balanced_block(heads, tp, rank)  # the heads the projections gave this rank
         grouped = x.unflatten(dim, (size // heads, heads))
-        return grouped.narrow(dim + 1, rank * local, local).flatten(dim, dim + 1)
+        return grouped.narrow(dim + 1, local.start, len(local)).flatten(dim, dim + 1)
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         tp, rank = device_mesh.size(), device_mesh.get_local_rank()

@@ -76,6 +76,16 @@ def feature_dim(module: nn.Module, x: torch.Tensor) -> int:
     return x.dim() - 1
 
 
+def heads_layout(size: int, heads: Heads | None) -> Layout | None:
+    """The layout of a linear's ``size`` sharded features when they are all the query heads of its
+    attention (q_proj, o_proj, GPT-2's c_proj): whole heads, balanced where they do not divide (6
+    over 4 ranks as 2, 2, 1, 1). None for other features, split as ``torch.chunk`` splits them
+    (and GQA kv heads, which ``tp.checks.sizes`` checks divide)."""
+    if heads is not None and size == heads.q * heads.dim:
+        return Layout((Part(heads.q, heads.dim, name="heads", unit="heads", balanced=True),))
+    return None
+
+
 def build_layout(size: int, *, parts, unit: str, heads: Heads | None, where: str) -> Layout:
     """The layout of a dimension of ``size`` rows.
 
@@ -83,7 +93,8 @@ def build_layout(size: int, *, parts, unit: str, heads: Heads | None, where: str
     for query heads and ``"kv"`` for key/value heads (phi3 ``qkv_proj``: ``["q", "kv", "kv"]``).
     Equal parts are split in units of ``unit``: single rows, query ``head``s (all the rows of
     one head, e.g. its q, k and v when interleaved per head), ``head_dim`` rows (one head's
-    q, k or v) or kv ``group``s (a kv head with its query heads, as Falcon packs them).
+    q, k or v) or kv ``group``s (a kv head with its query heads, as Falcon packs them). One part
+    of single rows that are all the query heads is split as whole heads (``heads_layout``).
     """
     if isinstance(parts, (list, tuple)):
         if heads is None:
@@ -102,6 +113,8 @@ def build_layout(size: int, *, parts, unit: str, heads: Heads | None, where: str
         return layout
     if unit not in UNITS:
         raise PlanError(f"{where}: unknown unit {unit!r}; units are {', '.join(UNITS)}")
+    if parts == 1 and unit == "row" and (layout := heads_layout(size, heads)) is not None:
+        return layout
     if unit != "row" and heads is None:
         raise PlanError(f"{where}: unit {unit!r} needs the model's head counts, which its config lacks")
     total = {"row": size, "head": heads and heads.q, "group": heads and heads.kv,
@@ -114,8 +127,10 @@ def build_layout(size: int, *, parts, unit: str, heads: Heads | None, where: str
     # Falcon's groups, [q heads of the group; k; v]: at tp > groups a group's ranks share its k and v
     grouped = unit == "group" and parts == 1 and size == heads.kv * (heads.q // heads.kv + 2) * heads.dim
     group_q = heads.q // heads.kv if grouped else 0
-    return Layout(tuple(Part(units, size // total, name=f"part {i}", unit=word, uneven=unit == "row", group_q=group_q)
-                        for i in range(parts)))
+    # whole query heads, each with its q, k and v (Bloom), split balanced where they do not divide
+    balanced = unit == "head" and parts == 1
+    return Layout(tuple(Part(units, size // total, name=f"part {i}", unit=word, uneven=unit == "row", group_q=group_q,
+                             balanced=balanced) for i in range(parts)))
 
 
 def first_input(style: str, module: nn.Module, args: tuple, kwargs: dict):
@@ -258,13 +273,6 @@ class RowwiseLayout(LayoutParallel):
 
     kind = "rowwise"
 
-    def _check_sizes(self, module, layouts, tp):
-        super()._check_sizes(module, layouts, tp)
-        for layout, dim in layouts.values():
-            if layout.placement(dim, tp) is None:
-                raise PlanError(f"{type(module).__name__}: rowwise needs every part split over the ranks, "
-                                f"but {layout} replicates some of them at tp={tp}")
-
     def _place_rest(self, module, device_mesh, layouts):
         bias = getattr(module, "bias", None)
         if bias is not None:
@@ -282,6 +290,10 @@ class RowwiseLayout(LayoutParallel):
         features = feature_dim(module, x)
         if isinstance(x, DTensor):
             wanted = layout.placement(features, device_mesh.size())
+            if wanted is None:  # rows stored whole (heads split balanced): only a local input says which
+                raise PlanError(f"{type(self).__name__}: {module} reads its input features as {layout} lays "
+                                f"them out, which no DTensor placement describes, but got a DTensor "
+                                f"({x.placements}); give it the local output of a column-parallel module")
             if tuple(x.placements) != (wanted,):
                 x = x.redistribute(device_mesh, [wanted])
             x = x.to_local()

@@ -28,17 +28,7 @@ from ..sharding.heads import Heads
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_local_params, local_of, take_back_params
 from ..sharding.tags import local_rows, place_parameter, replicated_parameter
-from .layout import first_input
-
-
-def heads_layout(size: int, heads: Heads | None) -> Layout | None:
-    """The layout of a plain linear's ``size`` sharded features when they are all the query heads
-    of its attention (q_proj, o_proj): whole heads, balanced where they do not divide (6 over 4
-    ranks as 2, 2, 1, 1). None for other features, split as ``torch.chunk`` splits them (and
-    GQA kv heads, which ``tp.checks.sizes`` checks divide)."""
-    if heads is not None and size == heads.q * heads.dim:
-        return Layout((Part(heads.q, heads.dim, name="heads", unit="heads", balanced=True),))
-    return None
+from .layout import first_input, heads_layout
 
 
 def _heads_layouts(module: nn.Module, names: tuple[str, ...], dim: int, heads: Heads | None):
