@@ -155,3 +155,13 @@ def test_torch_dcp_reshards_fused_balanced_heads_to_an_even_split(pool2, pool4, 
     path, saved = str(tmp_path / "dcp"), functools.partial(tiny_model, "phi3", **config)
     pool4.run(torch_dcp.save, saved, path)
     assert pool2.run(torch_dcp.mismatches, functools.partial(tiny_model, "phi3", seed=1, **config), saved, path) == [[]] * 2
+
+
+def test_attention_sinks_follow_a_balanced_split(pool3):
+    """GPT-OSS (inferred plan): one learned sink per query head, 8 heads at TP=3 (3, 3, 2); the
+    sinks are stored whole with the projections, each rank reading its heads' rows."""
+    result = tp.verify(model_factory=functools.partial(tiny_model, "gpt_oss"), pool=pool3, tp=3)
+    assert result.logits_max_abs <= 1e-5, result.table()
+    assert result.worst_grad_rel <= 1e-4, result.table()
+    assert result.gathered_exact, result.gathered_mismatch
+    assert result.collectives_ok and result.per_block_forward == 1, result.table()  # experts stay whole

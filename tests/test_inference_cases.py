@@ -66,12 +66,12 @@ def test_attention_sinks_sharded_with_the_heads(size, pool2, pool4):
     assert _style(result, "model.layers.0.self_attn.o_proj") == "rowwise" and not _whole(result)
 
 
-def _apply_gpt_oss_with_six_heads() -> str:
+def _apply_gpt_oss_with_two_heads() -> str:
     from torch.distributed.device_mesh import init_device_mesh
 
     from tp.testing import models
 
-    model = models.tiny_model("gpt_oss", num_attention_heads=6, num_key_value_heads=2, hidden_size=48, head_dim=8)
+    model = models.tiny_model("gpt_oss", num_attention_heads=2, num_key_value_heads=2, hidden_size=16, head_dim=8)
     try:
         tp.apply(model, init_device_mesh("cpu", (torch.distributed.get_world_size(),)))
     except tp.TPError as e:
@@ -80,12 +80,12 @@ def _apply_gpt_oss_with_six_heads() -> str:
 
 
 def test_no_block_unit_left_refuses_with_the_sizes(pool4):
-    """GPT-OSS with 6 heads at TP=4: its sinks (one per head) do not divide, so attention would stay
-    whole, and its experts stay whole anyway: with only the embedding and lm_head left to shard, tp
-    refuses with every size that does not divide (before, a PlanError listed no reason)."""
-    for message in pool4.run(_apply_gpt_oss_with_six_heads):
+    """GPT-OSS with 2 heads at TP=4: its attention cannot split, so it would stay whole, and its
+    experts stay whole anyway: with only the embedding and lm_head left to shard, tp refuses with
+    every size that does not divide (before, a PlanError listed no reason)."""
+    for message in pool4.run(_apply_gpt_oss_with_two_heads):
         assert message.startswith("SizeError: cannot shard at tp=4"), message
-        assert "model.layers.*.self_attn: sinks.shape[0] = 6 does not divide by tp=4" in message
+        assert "model.layers.*.self_attn.sinks: heads: 2 heads of 1 rows do not divide by tp=4" in message
 
 
 def test_per_head_gate_counts_as_whole_heads(pool2):

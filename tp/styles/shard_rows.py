@@ -6,10 +6,14 @@ code reads next to the head-sharded queries; Mamba keeps per-channel parameters 
 channel-sharded activations, without calling those modules. Once heads or channels are split
 over the ranks, each rank must hold the rows of its own: the parameters are sharded on their
 first dimension, in rank order like a column-parallel linear's rows, and the module's forward
-is lent the local rows (and those of the children it reads directly).
+is lent the local rows (and those of the children it reads directly). One row per query head
+follows the heads where they split balanced (6 sinks over 4 ranks: 2, 2, 1, 1), stored whole like
+the projections then.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -17,8 +21,19 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..errors import SizeError
-from ..sharding.lending import lend_during_forward, lend_local_params, local_of
-from .descriptor import Act, Args, Site, Style
+from ..sharding.heads import Heads
+from ..sharding.layouts import Layout, Part
+from ..sharding.lending import lend_during_forward, lend_local_params
+from ..sharding.tags import local_rows, place_parameter
+from .descriptor import Act, Args, LayoutMap, Site, Style
+
+
+def per_head_layout(rows: int, heads: Heads | None) -> Layout | None:
+    """The layout of a parameter of ``rows`` rows when they are one per query head: whole heads,
+    balanced where they do not divide; None for other rows, which must divide."""
+    if heads is not None and rows == heads.q:
+        return Layout((Part(heads.q, 1, name="heads", unit="heads", balanced=True),))
+    return None
 
 
 class ShardRows(ParallelStyle):
@@ -28,6 +43,8 @@ class ShardRows(ParallelStyle):
         params (tuple[str, ...]): names of the module's own parameters to shard; default: all.
         lend (tuple[str, ...]): children whose sharded parameters this module's forward reads
             directly (Mamba's mixer reads ``conv1d.weight``); their local rows are lent too.
+        heads (Heads): the attention's heads, when a parameter may hold one row per query head
+            (GPT-OSS's sinks): those rows then follow the heads' split (``per_head_layout``).
 
     Example::
         >>> parallelize_module(model, mesh, {"layers.0.self_attn": ShardRows(params=("sinks",))})
@@ -35,9 +52,9 @@ class ShardRows(ParallelStyle):
         ...                                  "layers.0.mixer.conv1d": ShardRows()})
     """
 
-    def __init__(self, *, params: tuple[str, ...] = (), lend: tuple[str, ...] = ()):
+    def __init__(self, *, params: tuple[str, ...] = (), lend: tuple[str, ...] = (), heads: Heads | None = None):
         super().__init__()
-        self.params, self.lend = tuple(params), tuple(lend)
+        self.params, self.lend, self.heads = tuple(params), tuple(lend), heads
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         own = dict(module.named_parameters(recurse=False))
@@ -50,6 +67,10 @@ class ShardRows(ParallelStyle):
         tp = device_mesh.size()
         for name in names:
             param = own[name]
+            layout = per_head_layout(param.shape[0], self.heads)
+            if layout is not None and not layout.problems(tp):
+                place_parameter(module, name, layout, 0, device_mesh)
+                continue
             if param.shape[0] % tp:
                 raise SizeError(f"{type(module).__name__}.{name}: {param.shape[0]} rows do not divide by tp={tp}")
             placed = distribute_tensor(param.detach(), device_mesh, [Shard(0)], src_data_rank=None)
@@ -59,13 +80,13 @@ class ShardRows(ParallelStyle):
         def lend():
             for holder in (module, *children):
                 sharded = [n for n, p in holder.named_parameters(recurse=False) if isinstance(p, DTensor)]
-                lend_local_params(holder, sharded, lambda name, p: local_of(p))
+                lend_local_params(holder, sharded, partial(local_rows, holder))
 
         lend_during_forward(module, lend, children)
         return module
 
     def __repr__(self) -> str:
-        return f"ShardRows(params={self.params}, lend={self.lend})"
+        return f"ShardRows(params={self.params}, lend={self.lend}, heads={self.heads})"
 
 
 class ShardRowsArgs(Args):
@@ -73,11 +94,29 @@ class ShardRowsArgs(Args):
     lend: tuple[str, ...] = ()
 
 
+def _names(site: Site) -> tuple[str, ...]:
+    return site.args.params or tuple(dict(site.module.named_parameters(recurse=False)))
+
+
+def _per_head(site: Site) -> LayoutMap:
+    """The parameters with one row per query head, laid out as the heads split."""
+    params = dict(site.module.named_parameters(recurse=False))
+    return {name: (layout, 0) for name in _names(site) if name in params
+            and (layout := per_head_layout(params[name].shape[0], site.heads)) is not None}
+
+
 def _rows(site: Site) -> dict[str, int]:
-    return {n: 0 for n in site.args.params or dict(site.module.named_parameters(recurse=False))}
+    return {name: 0 for name in _names(site) if name not in _per_head(site)}
+
+
+def _collectives(site: Site) -> tuple[int, int]:
+    """Rows stored whole (heads split balanced): each one's gradient is all-reduced in the backward."""
+    return 0, sum(layout.repeats_rows(site.tp) for layout, _ in _per_head(site).values())
 
 
 SHARD_ROWS = Style(
-    name="shard_rows", build=lambda site: ShardRows(params=site.args.params, lend=site.args.lend),
-    args=ShardRowsArgs, sharded_dims=_rows, reads=Act.ANY,
-    doc="own parameters with a row per head or channel (GPT-OSS sinks, Mamba's A_log): sharded on dim 0")
+    name="shard_rows", build=lambda site: ShardRows(params=site.args.params, lend=site.args.lend, heads=site.heads),
+    args=ShardRowsArgs, sharded_dims=_rows, layouts=lambda site: _per_head(site) or None, collectives=_collectives,
+    reads=Act.ANY,
+    doc="own parameters with a row per head or channel (GPT-OSS sinks, Mamba's A_log): sharded on dim 0, "
+        "one row per query head as the heads split")
