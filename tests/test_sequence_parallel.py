@@ -9,8 +9,10 @@ self-attention, cross-attention and MLP), and the encoder output is gathered onc
 decoder. Same tolerances as test_families.py.
 """
 
+import functools
 
 import pytest
+import torch
 
 import tp
 import tp.testing.models
@@ -18,7 +20,13 @@ from tests.test_families import EXTRA_BACKWARD, FAMILIES
 
 # Yuan's sharded localized filtering all-reduces conv2's output inside attention (registry.toml).
 INNER_ALL_REDUCES = {"yuan": 1}
-REFUSED = {"opt": "flattens batch and sequence", "mamba": "whole sequence", "jamba": "whole sequence", "mamba2": "whole sequence", "bamba": "whole sequence", "zamba2": "whole sequence"}
+REFUSED = {"opt": "flattens batch and sequence", "mamba": "whole sequence", "jamba": "whole sequence",
+           "zamba2": "shared transformer block"}
+# A Mamba-2 layer holds one sub-block, the mixer: its input all-gathered once, out_proj's output
+# reduce-scattered. Bamba's mixer (one group, fewer than ranks) gathers its gated norm's input and
+# gate too, and its MLP is the second sub-block.
+FIRST_BLOCK = {"mamba2": {"all_gather": 1, "reduce_scatter": 1}, "bamba": {"all_gather": 4, "reduce_scatter": 2}}
+BACKWARD_PER_BLOCK = {"mamba2": 2}  # the mirror of the mixer's two
 ENCODER_LAYERS = DECODER_LAYERS = 2  # the tiny models of registry.toml
 
 
@@ -27,9 +35,35 @@ def test_family_with_sequence_parallel(family, pool2):
     result = tp.verify(family, tp=2, pool=pool2, sequence_parallel=True)
     assert result.ok, result.table()
     inner = {"all_reduce": INNER_ALL_REDUCES[family]} if family in INNER_ALL_REDUCES else {}
-    assert result.first_block_forward == {"all_gather": 2, "reduce_scatter": 2, **inner}, result.table()
+    expected = FIRST_BLOCK.get(family, {"all_gather": 2, "reduce_scatter": 2})
+    assert result.first_block_forward == {**expected, **inner}, result.table()
     assert result.activation_bytes_per_rank * 2 == result.activation_bytes_unsharded, result.table()
-    assert result.per_block_backward == 4 + EXTRA_BACKWARD.get(family, 0), result.table()
+    assert result.per_block_backward == BACKWARD_PER_BLOCK.get(family, 4 + EXTRA_BACKWARD.get(family, 0)), \
+        result.table()
+
+
+def _mamba2_padded_logits_difference() -> float:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model = tp.testing.models.tiny_model("mamba2", n_groups=1)
+    ids = torch.tensor([[5, 17, 42, 8, 99, 3, 64, 21], [0, 0, 0, 9, 11, 13, 15, 17]])
+    mask = (ids != 0).long()  # the second row is padded on the left
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+        tp.apply(model, init_device_mesh("cpu", (torch.distributed.get_world_size(),)), sequence_parallel=True)
+        return (model(input_ids=ids, attention_mask=mask).logits - reference).abs().max().item()
+
+
+def test_mamba2_mixer_gathers_the_sequence_once(pool2, pool4):
+    """The mixer's convolution and scan need the whole sequence: its input is all-gathered once and
+    out_proj's partial output reduce-scattered; with one group its gated norm gathers its input and
+    gate too. A padding mask applies to the gathered sequence, as in the unsharded mixer."""
+    result = tp.verify(model_factory=functools.partial(tp.testing.models.tiny_model, "mamba2", n_groups=1), tp=4,
+                       pool=pool4, sequence_parallel=True)
+    assert result.ok, result.table()
+    assert result.first_block_forward == {"all_gather": 3, "reduce_scatter": 1}, result.table()
+    assert result.activation_bytes_per_rank * 4 == result.activation_bytes_unsharded, result.table()
+    assert max(pool2.run(_mamba2_padded_logits_difference)) <= 1e-5
 
 
 def test_llama_collectives_and_activation_bytes(pool2, pool4):

@@ -9,6 +9,11 @@ for it: every rank takes its block of heads and of groups in every part (``in_pr
 column-parallel with that layout, ``conv1d``, ``dt_bias``, ``A_log``, ``D`` and the norm hold the
 same rows), the scan and the norm run on the rank's own heads and groups, and ``out_proj`` is
 row-parallel: one all-reduce in the forward and one, for the input, in the backward.
+
+Under sequence parallelism the convolution and the scan need the whole sequence: the mixer
+gathers its sequence-sharded input once (an all-gather; in the backward its gradient, partial on
+each rank, is reduce-scattered), runs as above, and ``out_proj`` reduce-scatters its partial
+output along the sequence instead of all-reducing it, as Megatron runs a dense MLP.
 """
 
 from __future__ import annotations
@@ -17,16 +22,17 @@ from functools import partial
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import parallelize_module
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
-from ..errors import SizeError
+from ..errors import PlanError, SizeError
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_during_forward, lend_local_params
 from ..sharding.tags import local_rows, module_layouts, place_parameter
-from .descriptor import Act, PlainStyle, Site, Style
+from .descriptor import Act, Site, Style
 from .gathered_norm import GatheredNorm
-from .layout import ColwiseLayout
-from .linear import OwnedRowwiseParallel
+from .layout import ColwiseLayout, first_input
+from .linear import OwnedRowwiseParallel, SequenceArgs
 from .shard_rows import ShardRows
 
 # the mixer's attributes that hold sizes, and the parameters the mixer reads directly
@@ -68,11 +74,13 @@ def mixer_collectives(site: Site) -> tuple[int, int]:
     and their reduce-scatters, its weight's gradient, and the replicated B and C rows' gradients
     of in_proj and conv1d (one all-reduce per parameter)."""
     mixer, tp = site.module, site.tp
+    # under sequence parallelism: the input's all-gather and out_proj's reduce-scatter, and their mirror
+    base = 2 if site.args.sequence_dim is not None else 1
     if mixer.n_groups % tp == 0:
-        return 1, 1
+        return base, base
     replicated = sum(p is not None for p in (mixer.in_proj.weight, mixer.in_proj.bias,
                                              mixer.conv1d.weight, mixer.conv1d.bias))
-    return 3, 3 + len(list(mixer.norm.parameters())) + replicated
+    return base + 2, base + 2 + len(list(mixer.norm.parameters())) + replicated
 
 
 class _ColwiseWith(ColwiseLayout):
@@ -86,7 +94,25 @@ class _ColwiseWith(ColwiseLayout):
         return {name: (self.layout, 0) for name in ("weight", "bias") if getattr(module, name, None) is not None}
 
 
-class Mamba2Mixer(PlainStyle):
+class _GatheredColwise(_ColwiseWith):
+    """in_proj under sequence parallelism: its input is the sequence the mixer gathered, read as it
+    is; its gradient, partial on each rank, is reduce-scattered where the mixer gathered it."""
+
+    def _local_input(self, module, x, device_mesh):
+        return x
+
+
+def _gather_sequence(mesh: DeviceMesh, module: nn.Module, args: tuple, kwargs: dict):
+    """The mixer's sequence-sharded input, all-gathered into a plain tensor whose gradient is
+    marked partial (reduce-scattered in the backward)."""
+    x, rebuild = first_input("mamba2_mixer", module, args, kwargs)
+    if not isinstance(x, DTensor):
+        raise PlanError(f"mamba2_mixer: under sequence parallelism {type(module).__name__} expects the "
+                        "sequence-sharded residual stream (a DTensor), but got a plain tensor")
+    return rebuild(x.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()]))
+
+
+class Mamba2Mixer(ParallelStyle):
     """Shard a transformers Mamba-2 mixer by heads and groups (see the module docstring).
 
     ``num_heads`` must divide by the tensor-parallel size, and ``n_groups`` either divide by it or
@@ -95,9 +121,19 @@ class Mamba2Mixer(PlainStyle):
     share it, and the gated norm, whose groups then span ranks, runs on all-gathered channels
     (``GatheredNorm``): one all-gather more in the forward.
 
+    Keyword Args:
+        sequence_dim (int, optional): under sequence parallelism, the sequence dimension of the
+            mixer's input and output: the input is all-gathered along it and ``out_proj``'s
+            output reduce-scattered. Default: None (no sequence parallelism).
+
     Example::
         >>> parallelize_module(model, mesh, {"backbone.layers.*.mixer": Mamba2Mixer()})
+        >>> parallelize_module(model, mesh, {"backbone.layers.*.mixer": Mamba2Mixer(sequence_dim=1)})
     """
+
+    def __init__(self, *, sequence_dim: int | None = None):
+        super().__init__()
+        self.sequence_dim = sequence_dim
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         tp = device_mesh.size()
@@ -106,8 +142,14 @@ class Mamba2Mixer(PlainStyle):
         if problems:
             raise SizeError(f"{type(module).__name__}: {'; '.join(dict.fromkeys(problems))}; use a tensor-parallel "
                             "size that divides the heads and the groups")
-        parallelize_module(module.in_proj, device_mesh, _ColwiseWith(layouts["in_proj.weight"][0]))
-        parallelize_module(module.out_proj, device_mesh, OwnedRowwiseParallel())
+        if self.sequence_dim is None:
+            parallelize_module(module.in_proj, device_mesh, _ColwiseWith(layouts["in_proj.weight"][0]))
+            parallelize_module(module.out_proj, device_mesh, OwnedRowwiseParallel())
+        else:
+            module.register_forward_pre_hook(partial(_gather_sequence, device_mesh), with_kwargs=True)
+            parallelize_module(module.in_proj, device_mesh, _GatheredColwise(layouts["in_proj.weight"][0]))
+            parallelize_module(module.out_proj, device_mesh, OwnedRowwiseParallel(
+                output_layouts=Shard(self.sequence_dim), use_local_output=False))
         # per-head parameters, and the norm's groups when each rank holds whole ones: equal row blocks
         parallelize_module(module, device_mesh, ShardRows(params=OWN))
         if "norm.weight" in layouts:
@@ -123,6 +165,9 @@ class Mamba2Mixer(PlainStyle):
         self._set_local_sizes(module, tp)
         return module
 
+    def __repr__(self) -> str:
+        return f"Mamba2Mixer(sequence_dim={self.sequence_dim})"
+
     @staticmethod
     def _set_local_sizes(module: nn.Module, tp: int) -> None:
         for attr in ("num_heads", "intermediate_size"):
@@ -133,8 +178,13 @@ class Mamba2Mixer(PlainStyle):
         module.conv_dim = module.conv1d.in_channels = module.conv1d.out_channels = module.conv1d.groups = channels
 
 
+def _stream(args: SequenceArgs) -> Act:
+    return Act.SEQUENCE if args.sequence_dim is not None else Act.REPLICATED
+
+
 MAMBA2_MIXER = Style(
-    name="mamba2_mixer", build=lambda site: Mamba2Mixer(),
-    doc="a Mamba-2 mixer split by heads and groups: in_proj, conv1d and the scan per rank, out_proj row-parallel",
-    reads=Act.REPLICATED, leaves=Act.REPLICATED, layouts=lambda site: mixer_layouts(site.module),
-    collectives=mixer_collectives)
+    name="mamba2_mixer", build=lambda site: Mamba2Mixer(sequence_dim=site.args.sequence_dim), args=SequenceArgs,
+    doc="a Mamba-2 mixer split by heads and groups: in_proj, conv1d and the scan per rank, out_proj row-parallel "
+        "(under sequence parallelism its input all-gathered, out_proj's output reduce-scattered)",
+    reads=_stream, leaves=_stream, layouts=lambda site: mixer_layouts(site.module),
+    collectives=mixer_collectives, takes_sequence_dim=True)
