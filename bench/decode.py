@@ -7,11 +7,14 @@
 
 One random Llama of 56M parameters (hidden 512, 8 layers, 8 heads / 4 kv heads, intermediate
 1376, vocab 32000, untied lm_head, float32; the model of issue 15) is saved with
-``save_pretrained`` to a temporary directory, and every variant loads those same weights (the
-loaders are bench/step.py's):
+``save_pretrained`` to a temporary directory, and every variant but the rank's share loads those
+same weights (the loaders are bench/step.py's):
 
 - ``unsharded, 1 thread`` and ``unsharded, 2 threads``: ``from_pretrained(dir)`` in one process;
   2 threads use both cores, as the two TP ranks do.
+- ``one rank's share, 1 thread``: the same Llama cut to what one rank computes at TP=2 (4 heads /
+  2 kv heads, intermediate 688, vocabulary 16000; the residual stream whole), random weights, in
+  one process: the time a rank's compute takes with all its per-call overhead, none of it halved.
 - ``tp.apply``: ``from_pretrained(dir)`` then ``tp.apply(model, mesh)`` on 2 CPU ranks (gloo, one
   thread each).
 - ``tp.from_pretrained``: ``tp.from_pretrained(dir, mesh)`` (parameters read straight into shards).
@@ -47,10 +50,14 @@ communicates per token counts too; the prefill's are those of its forward. Each 
 every distinct recorded collective (kind and buffer size, e.g. an all-reduce of one token's hidden
 state, the all-gather of its logits) alone on plain tensors in the ``tp.apply`` ranks, 20 times
 after a barrier, and takes the median; its time is the median over the rounds. The collectives
-section lists them with their measured latencies.
+section lists them with their measured latencies. The limit halves the whole unsharded time, the
+per-call overhead of a forward (Python, dispatch, generate's bookkeeping) included, which no
+sharding divides; ``one rank's share + collectives`` (one rank's share's time plus the same
+collectives) is the limit with that overhead left whole.
 
 Columns: ``procs x threads``; the three times above; ``/ hf TP``: each time over transformers
-TP's; ``/ limit``: each time over the limit's; ``tokens``: ``same`` when every round's generated
+TP's; ``/ limit``: each time over the limit's; ``tokens`` (``-`` for the rank's share, whose random
+weights make other tokens): ``same`` when every round's generated
 tokens, at batch 1 and 8, equal those of the unsharded model on 1 thread (the script stops with an
 error naming the variant, batch, row and position when they do not); ``prefill logits diff``: max
 abs difference of the prefill's last-position logits from the unsharded model's (rank 0, last
@@ -99,11 +106,21 @@ LOGITS_TOLERANCE = 1e-4  # prefill logits, max abs difference from the unsharded
 VARIANTS = [  # key, label, processes, threads per process
     ("unsharded_1", "unsharded, 1 thread", 1, 1),
     ("unsharded_2", "unsharded, 2 threads", 1, 2),
+    ("rank_share", "one rank's share, 1 thread", 1, 1),
     ("tp_apply", "tp.apply", WORLD, 1),
     ("tp_from_pretrained", "tp.from_pretrained", WORLD, 1),
     ("hf_tp", "transformers TP", WORLD, 1),
 ]
 TP_VARIANTS = ("tp_apply", "tp_from_pretrained", "hf_tp")
+CHECKED = ("unsharded_1", "unsharded_2", *TP_VARIANTS)  # the variants whose tokens and logits must match
+
+
+def share_config() -> dict:
+    """The unsharded model cut to one rank's share at TP=2: half the heads, kv heads,
+    intermediate features and vocabulary (the residual stream stays whole)."""
+    return {**CONFIG, **{key: CONFIG[key] // WORLD for key in
+                         ("num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")},
+            "head_dim": CONFIG["hidden_size"] // CONFIG["num_attention_heads"]}
 MEASURES = [f"decode_b{b}" for b in BATCHES] + ["prefill"]
 
 
@@ -162,8 +179,16 @@ def setup(path: str, variant: str, threads: int, prompt: int, prefill: int) -> N
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(SEED + 1)
     prompts = {b: torch.randint(3, CONFIG["vocab_size"], (b, prompt), generator=gen) for b in BATCHES}
-    _STATE.update(model=_load(path, variant).eval(), prompts=prompts,
-                  prefill_ids=torch.randint(3, CONFIG["vocab_size"], (1, prefill), generator=gen))
+    prefill_ids = torch.randint(3, CONFIG["vocab_size"], (1, prefill), generator=gen)
+    if variant == "rank_share":  # random weights: only its time counts
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        vocab = share_config()["vocab_size"]
+        model = LlamaForCausalLM(LlamaConfig(**share_config()))
+        prompts, prefill_ids = {b: ids % vocab for b, ids in prompts.items()}, prefill_ids % vocab
+    else:
+        model = _load(path, variant)
+    _STATE.update(model=model.eval(), prompts=prompts, prefill_ids=prefill_ids)
 
 
 def _generate(prompt: torch.Tensor, new_tokens: int) -> tuple[list[float], torch.Tensor]:
@@ -303,6 +328,8 @@ def collective_latency(collectives: list[tuple[str, int, str]]) -> dict:
 def _check_tokens(rounds: dict, reference: dict) -> None:
     """Stop with the first difference from the unsharded model's tokens: variant, batch, row, position."""
     for key, label, *_ in VARIANTS:
+        if key not in CHECKED:
+            continue
         for i, ranks in enumerate(rounds[key]):
             for rank, result in enumerate(ranks):
                 for b in BATCHES:
@@ -330,6 +357,8 @@ def _kinds(records: list) -> str:
 def _check_prefill(rounds: dict, reference: torch.Tensor) -> None:
     """Stop when a variant's last prefill logits differ from the unsharded model's by more than the tolerance."""
     for key, label, *_ in VARIANTS:
+        if key not in CHECKED:
+            continue
         diff = (rounds[key][-1][0]["logits"] - reference).abs().max().item()
         if diff > LOGITS_TOLERANCE:
             sys.exit(f"error: {label}'s prefill logits differ from the unsharded model's by {diff:.1e} "
@@ -406,19 +435,21 @@ def main() -> None:
     latency = {c: statistics.median(round_[c] for round_ in latencies) for c in replayed}
     comm = {m: sum(n * latency[c] for c, n in collectives["tp_apply"][m]) for m in MEASURES}
     times["limit"] = {m: times["unsharded_1"][m] / WORLD + comm[m] for m in MEASURES}
+    times["share_limit"] = {m: times["rank_share"][m] + comm[m] for m in MEASURES}
 
     labels = [(key, label, f"{world} x {threads}") for key, label, world, threads in VARIANTS]
     rows = [("variant", "procs x threads", "decode b1 ms/token", "decode b8 ms/token", "prefill ms",
              *(f"{m} / hf TP" for m in ("b1", "b8", "prefill")), *(f"{m} / limit" for m in ("b1", "b8", "prefill")),
              "tokens", "prefill logits diff")]
-    for key, label, shape in [*labels, ("limit", "limit (computed)", "-")]:
+    for key, label, shape in [*labels, ("limit", "limit (computed)", "-"),
+                              ("share_limit", "one rank's share + collectives", "-")]:
         t = times[key]
-        logits = None if key == "limit" else rounds[key][-1][0]["logits"]
-        diff = "-" if logits is None else f"{(logits - reference['logits']).abs().max():.1e}"
+        checked = key in CHECKED
+        diff = f"{(rounds[key][-1][0]['logits'] - reference['logits']).abs().max():.1e}" if checked else "-"
         rows.append((label, shape, *(f"{t[m] * 1e3:.1f}" for m in MEASURES),
                      *(f"{t[m] / times['hf_tp'][m]:.2f}" for m in MEASURES),
                      *(f"{t[m] / times['limit'][m]:.2f}" for m in MEASURES),
-                     "-" if key == "limit" else "same", diff))
+                     "same" if checked else "-", diff))
     _print_table(rows)
 
     print(f"\nlimit = unsharded 1 thread / {WORLD} + the collectives of tp.apply, each replayed alone "
@@ -427,6 +458,9 @@ def main() -> None:
         parts = ", ".join(f"{n} {name} of {nbytes / 1024:g} KiB x {latency[(name, nbytes, dtype)] * 1e3:.3f} ms"
                           for (name, nbytes, dtype), n in collectives["tp_apply"][m])
         print(f"  {m}: {times['unsharded_1'][m] * 1e3:.1f} / {WORLD} + {comm[m] * 1e3:.1f} ms ({parts})")
+    print(f"one rank's share + collectives = the time of one rank's share of the model, run alone (its per-call "
+          f"overhead does not halve), plus the same collectives: " + ", ".join(
+              f"{m} {times['rank_share'][m] * 1e3:.1f} + {comm[m] * 1e3:.1f} ms" for m in MEASURES))
     print("\ncollectives per decode step and per prefill (CommDebugMode, rank 0):")
     _print_table([("variant", *MEASURES)] + [(label, *(_kinds(collectives[key][m]) for m in MEASURES))
                                              for key, label, *_ in VARIANTS if key in TP_VARIANTS])
@@ -436,7 +470,9 @@ def main() -> None:
         t = times[key]
         ratios = {m: (t[m] / times["hf_tp"][m], t[m] / times["limit"][m]) for m in MEASURES}
         print(f"{label}: / transformers TP " + ", ".join(f"{m} {hf:.2f}" for m, (hf, _) in ratios.items())
-              + "; / limit " + ", ".join(f"{m} {lim:.2f}" for m, (_, lim) in ratios.items()))
+              + "; / limit " + ", ".join(f"{m} {lim:.2f}" for m, (_, lim) in ratios.items())
+              + "; / one rank's share + collectives " + ", ".join(
+                  f"{m} {t[m] / times['share_limit'][m]:.2f}" for m in MEASURES))
         # the same ratio within each round (both variants ran minutes apart at most): its spread shows the noise
         spread = {m: [_slowest(ours, m) / _slowest(theirs, m) for ours, theirs in zip(rounds[key], rounds["hf_tp"])]
                   for m in MEASURES}
