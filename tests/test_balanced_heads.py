@@ -165,3 +165,17 @@ def test_attention_sinks_follow_a_balanced_split(pool3):
     assert result.worst_grad_rel <= 1e-4, result.table()
     assert result.gathered_exact, result.gathered_mismatch
     assert result.collectives_ok and result.per_block_forward == 1, result.table()  # experts stay whole
+
+
+def test_a_norm_over_the_mlp_features_does_not_ask_the_heads_to_divide():
+    """BitNet at published size (20 heads) and TP=8: the heads would split balanced, but the norm over
+    o_proj's input (attn_sub_norm, gathered) cannot read that, so the attention stays whole; the
+    norm over the MLP's intermediate features (ffn_sub_norm) reads no heads, so the MLP is sharded."""
+    from transformers import AutoConfig
+
+    from tp.infer.tiny import build
+
+    model = build(AutoConfig.for_model("bitnet"), device="meta")
+    assert tp.checks.sizes.unit_problems(model, tp.resolve(model, 8), 8) == {
+        "BitNetDecoderLayer: self_attn.o_proj": "model.layers.*.self_attn.attn_sub_norm: attention heads "
+                                                "(gathered_norm reads them split) = 20 does not divide by tp=8"}

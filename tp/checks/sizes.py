@@ -90,6 +90,16 @@ def _head_dim(parent: nn.Module | None, size: int, heads: Heads | None) -> int |
     return None
 
 
+def _reads_heads(module: nn.Module, parent: nn.Module | None, heads: Heads) -> bool:
+    """Whether a module that reads feature-sharded activations reads attention heads: it sits in an
+    attention module (one with a ``head_dim``), or a parameter of its spans all the q or kv heads'
+    features (a norm over o_proj's input), not an MLP's intermediate features."""
+    if _head_dim(parent, 0, None) is not None:
+        return True
+    widths = {heads.q * heads.dim, heads.kv * heads.dim}
+    return any(size in widths for p in module.parameters() for size in p.shape)
+
+
 def constraints(model: nn.Module, plan: ResolvedPlan, paths: set[str] | None = None
                 ) -> tuple[list[Constraint], list[tuple[str, Layout | Unfit]]]:
     """Every quantity that must divide by the TP size, and every layout whose parts must split
@@ -100,8 +110,10 @@ def constraints(model: nn.Module, plan: ResolvedPlan, paths: set[str] | None = N
             continue
         module = model.get_submodule(path)
         style = decision.style.style
+        parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else None
         if (plan.heads is not None and not style.reads_balanced_heads
-                and style.input_layout(decision.style.options) is Act.FEATURES):
+                and style.input_layout(decision.style.options) is Act.FEATURES
+                and _reads_heads(module, parent, decision.heads or plan.heads)):
             # heads that do not divide split balanced (2, 2, 1, 1), which this style cannot read
             found.append(Constraint(path, f"attention heads ({decision.style.name} reads them split)", plan.heads.q))
         try:
@@ -116,7 +128,6 @@ def constraints(model: nn.Module, plan: ResolvedPlan, paths: set[str] | None = N
         # divide, and a rank may hold none (an empty weight is fine for F.linear and a lookup); the
         # heads among them must still divide
         uneven = decision.style.style.uneven_ok(decision.style.options)
-        parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else None
         for name, dim in sharded_dims(decision, module).items():
             param = getattr(module, name, None)
             if param is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from .layouts import Part
+from .layouts import Layout, Part
 
 Q_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
 KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
@@ -28,6 +28,11 @@ class Heads:
         """Whether the query heads split unevenly, balanced (``Part.balances``); their kv heads are
         then held by need."""
         return Part(self.q, self.dim, balanced=True).balances(tp)
+
+    def query_layout(self, unit_rows: int) -> Layout:
+        """The query heads as one part of ``unit_rows`` rows each (a head's features, or its one value),
+        split balanced where they do not divide."""
+        return Layout((Part(self.q, unit_rows, name="heads", unit="heads", balanced=True),))
 
     def local(self, tp: int, rank: int = 0) -> Heads:
         """Heads on rank ``rank``: kv heads are replicated when there are fewer of them than ranks,

@@ -82,7 +82,7 @@ def heads_layout(size: int, heads: Heads | None) -> Layout | None:
     over 4 ranks as 2, 2, 1, 1). None for other features, split as ``torch.chunk`` splits them
     (and GQA kv heads, which ``tp.checks.sizes`` checks divide)."""
     if heads is not None and size == heads.q * heads.dim:
-        return Layout((Part(heads.q, heads.dim, name="heads", unit="heads", balanced=True),))
+        return heads.query_layout(heads.dim)
     return None
 
 

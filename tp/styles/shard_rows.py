@@ -22,7 +22,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..errors import SizeError
 from ..sharding.heads import Heads
-from ..sharding.layouts import Layout, Part
+from ..sharding.layouts import Layout
 from ..sharding.lending import lend_during_forward, lend_local_params
 from ..sharding.tags import local_rows, place_parameter
 from .descriptor import Act, Args, LayoutMap, Site, Style
@@ -32,7 +32,7 @@ def per_head_layout(rows: int, heads: Heads | None) -> Layout | None:
     """The layout of a parameter of ``rows`` rows when they are one per query head: whole heads,
     balanced where they do not divide; None for other rows, which must divide."""
     if heads is not None and rows == heads.q:
-        return Layout((Part(heads.q, 1, name="heads", unit="heads", balanced=True),))
+        return heads.query_layout(1)
     return None
 
 
