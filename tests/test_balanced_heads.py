@@ -179,3 +179,13 @@ def test_a_norm_over_the_mlp_features_does_not_ask_the_heads_to_divide():
     assert tp.checks.sizes.unit_problems(model, tp.resolve(model, 8), 8) == {
         "BitNetDecoderLayer: self_attn.o_proj": "model.layers.*.self_attn.attn_sub_norm: attention heads "
                                                 "(gathered_norm reads them split) = 20 does not divide by tp=8"}
+
+
+def test_an_attention_kept_whole_keeps_its_head_counts(pool3):
+    """The tiny llama at TP=3 with k_proj kept (fix_overrides keeps q, k, v and o whole): the
+    attention computes with all its heads, so its num_key_value_groups stays 2, not the 1 of a
+    rank holding its query heads' kv heads by need."""
+    result = tp.verify("llama", tp=3, pool=pool3, keep=["k_proj"], fix_overrides=True)
+    assert result.logits_max_abs <= 1e-5, result.table()
+    assert result.worst_grad_rel <= 1e-4, result.table()
+    assert result.collectives_ok and result.per_block_forward == 1, result.table()  # the MLP's

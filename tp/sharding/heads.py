@@ -6,6 +6,7 @@ import copy
 from dataclasses import dataclass
 
 from .layouts import Layout, Part
+from .tags import computes_split
 
 Q_KEYS = ("num_attention_heads", "n_head", "num_heads", "n_heads")
 KV_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num")
@@ -74,7 +75,8 @@ def set_local_counts(model, counts: dict[str, str], heads: Heads, tp: int, rank:
     """Set attributes that hold head counts (``self_attn.num_heads`` -> ``q``) to their per-rank value.
 
     A count read through a config the module shares with the model (``self_attn.config.
-    num_attention_heads``) is set on a copy of that config given to the module alone.
+    num_attention_heads``) is set on a copy of that config given to the module alone. A module that
+    computes with all its heads (its projections kept whole, ``fix_overrides``) keeps its counts.
     """
     from ..patterns import matches
 
@@ -84,7 +86,7 @@ def set_local_counts(model, counts: dict[str, str], heads: Heads, tp: int, rank:
         owner_pattern, _, via_config = owner_pattern.rpartition(".") if owner_pattern.endswith(".config") \
             else (owner_pattern, "", "")
         for path, module in model.named_modules():
-            if not matches(owner_pattern, path):
+            if not matches(owner_pattern, path) or not computes_split(module):
                 continue
             target = module
             if via_config:

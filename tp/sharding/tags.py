@@ -126,5 +126,14 @@ def copy_tags(source: torch.Tensor, target: torch.Tensor) -> None:
         setattr(target, _PLACED, getattr(source, _PLACED))
 
 
+def computes_split(module: nn.Module) -> bool:
+    """Whether ``module`` or a module inside it computes with part of a parameter: one sharded
+    (a ``Shard`` DTensor) or laid out (rows of a whole-stored tensor, the parts of a fused one).
+    An attention whose projections all stay whole computes with all of its heads."""
+    return any(module_layouts(m) or any(isinstance(p, DTensor) and any(isinstance(pl, Shard) for pl in p.placements)
+                                        for p in m.parameters(recurse=False))
+               for m in module.modules())
+
+
 def is_sharded(param: torch.Tensor) -> bool:
     return isinstance(param, DTensor)
