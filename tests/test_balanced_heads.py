@@ -131,11 +131,9 @@ def test_balanced_heads_in_fused_projections_match_the_unsharded_model(family, p
     config, size = FUSED[family]
     result = tp.verify(model_factory=functools.partial(tiny_model, family, **config),
                        pool={3: pool3, 4: pool4}[size], tp=size)
-    assert result.logits_max_abs <= 1e-5, result.table()
-    assert result.worst_grad_rel <= 1e-4, result.table()
-    assert result.gathered_exact, result.gathered_mismatch
+    assert result.ok, result.table()  # logits within 1e-5, gradients 1e-4, gathered exact, collectives
     # the projections are stored whole: one more backward all-reduce per parameter
-    assert result.collectives_ok and result.per_block_forward == 2, result.table()
+    assert result.per_block_forward == 2, result.table()
 
 
 def test_sequence_parallelism_with_balanced_heads_in_gpt2(pool4):
@@ -144,9 +142,7 @@ def test_sequence_parallelism_with_balanced_heads_in_gpt2(pool4):
     config, size = FUSED["gpt2"]
     result = tp.verify(model_factory=functools.partial(tiny_model, "gpt2", **config), pool=pool4, tp=size,
                        sequence_parallel=True)
-    assert result.logits_max_abs <= 1e-5, result.table()
-    assert result.worst_grad_rel <= 1e-4, result.table()
-    assert result.collectives_ok, result.table()
+    assert result.ok, result.table()
 
 
 def test_torch_dcp_reshards_fused_balanced_heads_to_an_even_split(pool2, pool4, tmp_path):
@@ -161,10 +157,8 @@ def test_attention_sinks_follow_a_balanced_split(pool3):
     """GPT-OSS (inferred plan): one learned sink per query head, 8 heads at TP=3 (3, 3, 2); the
     sinks are stored whole with the projections, each rank reading its heads' rows."""
     result = tp.verify(model_factory=functools.partial(tiny_model, "gpt_oss"), pool=pool3, tp=3)
-    assert result.logits_max_abs <= 1e-5, result.table()
-    assert result.worst_grad_rel <= 1e-4, result.table()
-    assert result.gathered_exact, result.gathered_mismatch
-    assert result.collectives_ok and result.per_block_forward == 1, result.table()  # experts stay whole
+    assert result.ok, result.table()
+    assert result.per_block_forward == 1, result.table()  # experts stay whole
 
 
 def test_a_norm_over_the_mlp_features_does_not_ask_the_heads_to_divide():
@@ -186,6 +180,5 @@ def test_an_attention_kept_whole_keeps_its_head_counts(pool3):
     attention computes with all its heads, so its num_key_value_groups stays 2, not the 1 of a
     rank holding its query heads' kv heads by need."""
     result = tp.verify("llama", tp=3, pool=pool3, keep=["k_proj"], fix_overrides=True)
-    assert result.logits_max_abs <= 1e-5, result.table()
-    assert result.worst_grad_rel <= 1e-4, result.table()
-    assert result.collectives_ok and result.per_block_forward == 1, result.table()  # the MLP's
+    assert result.ok, result.table()
+    assert result.per_block_forward == 1, result.table()  # the MLP's
