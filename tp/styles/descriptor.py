@@ -33,6 +33,12 @@ from ..sharding.layouts import Layout
 LayoutMap = dict[str, tuple[Layout, int]]  # parameter ("child.param" for a child's) -> (layout, dim)
 
 
+def stored_whole(layouts: LayoutMap | None, tp: int) -> int:
+    """How many of ``layouts``' parameters hold rows stored whole on every rank at ``tp`` (replicated
+    kv heads, heads split balanced): the gradient of each is all-reduced in the backward."""
+    return sum(layout.repeats_rows(tp) for layout, _ in (layouts or {}).values())
+
+
 class Act(enum.Enum):
     """The layout of an activation where a style reads it or leaves it."""
 

@@ -24,7 +24,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from ..sharding.collectives import f, to_local
-from .descriptor import Act, Args, LayoutMap, Site, Style
+from .descriptor import Act, Args, LayoutMap, Site, Style, stored_whole
 from .local_embedding import LocalEmbedding, is_plain_embedding
 from .local_linear import LocalColwise, LocalLmHead, LocalRowwise
 from .layout import (
@@ -246,7 +246,7 @@ def _dims(by_type: dict[type, dict[str, int]]):
 def _stored_whole(build, site: Site) -> int:
     """How many of the module's parameters hold rows stored whole on every rank (replicated kv heads,
     heads split balanced): the gradient of each is all-reduced in the backward."""
-    return sum(layout.repeats_rows(site.tp) for layout, _ in (_by_layout(build)(site) or {}).values())
+    return stored_whole(_by_layout(build)(site), site.tp)
 
 
 def _colwise_collectives(site: Site) -> tuple[int, int]:

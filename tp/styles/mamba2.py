@@ -22,10 +22,11 @@ from functools import partial
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
 from ..errors import PlanError, SizeError
+from ..sharding.collectives import mesh_group, replicated_input
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_during_forward, lend_local_params
 from ..sharding.tags import local_rows, module_layouts, place_parameter
@@ -104,12 +105,12 @@ class _GatheredColwise(_ColwiseWith):
 
 def _gather_sequence(mesh: DeviceMesh, module: nn.Module, args: tuple, kwargs: dict):
     """The mixer's sequence-sharded input, all-gathered into a plain tensor whose gradient is
-    marked partial (reduce-scattered in the backward)."""
+    marked partial (reduce-scattered in the backward): ``replicated_input``."""
     x, rebuild = first_input("mamba2_mixer", module, args, kwargs)
     if not isinstance(x, DTensor):
         raise PlanError(f"mamba2_mixer: under sequence parallelism {type(module).__name__} expects the "
                         "sequence-sharded residual stream (a DTensor), but got a plain tensor")
-    return rebuild(x.redistribute(mesh, [Replicate()]).to_local(grad_placements=[Partial()]))
+    return rebuild(replicated_input(x, mesh_group(mesh)))
 
 
 class Mamba2Mixer(ParallelStyle):

@@ -25,7 +25,7 @@ from ..sharding.heads import Heads
 from ..sharding.layouts import Layout
 from ..sharding.lending import lend_during_forward, lend_local_params
 from ..sharding.tags import local_rows, place_parameter
-from .descriptor import Act, Args, LayoutMap, Site, Style
+from .descriptor import Act, Args, LayoutMap, Site, Style, stored_whole
 
 
 def per_head_layout(rows: int, heads: Heads | None) -> Layout | None:
@@ -106,12 +106,13 @@ def _per_head(site: Site) -> LayoutMap:
 
 
 def _rows(site: Site) -> dict[str, int]:
-    return {name: 0 for name in _names(site) if name not in _per_head(site)}
+    per_head = _per_head(site)
+    return {name: 0 for name in _names(site) if name not in per_head}
 
 
 def _collectives(site: Site) -> tuple[int, int]:
     """Rows stored whole (heads split balanced): each one's gradient is all-reduced in the backward."""
-    return 0, sum(layout.repeats_rows(site.tp) for layout, _ in _per_head(site).values())
+    return 0, stored_whole(_per_head(site), site.tp)
 
 
 SHARD_ROWS = Style(
