@@ -18,34 +18,48 @@ import tp
 import tp.testing.models
 from tests.test_families import EXTRA_BACKWARD, FAMILIES
 
-# Yuan's sharded localized filtering all-reduces conv2's output inside attention (registry.toml).
-INNER_ALL_REDUCES = {"yuan": 1}
-REFUSED = {"opt": "flattens batch and sequence", "mamba": "whole sequence", "jamba": "whole sequence",
-           "zamba2": "shared transformer block"}
-# A Mamba-2 layer holds one sub-block, the mixer: its input all-gathered once, out_proj's output
-# reduce-scattered. Bamba's mixer (one group, fewer than ranks) gathers its gated norm's input and
-# gate too, and its MLP is the second sub-block.
-FIRST_BLOCK = {"mamba2": {"all_gather": 1, "reduce_scatter": 1}, "bamba": {"all_gather": 4, "reduce_scatter": 2}}
-BACKWARD_PER_BLOCK = {"mamba2": 2}  # the mirror of the mixer's two
+# Yuan's sharded localized filtering all-reduces conv2's output inside attention (registry.toml); a
+# Mamba mixer's x_proj all-reduces dt, B and C, which every rank's channels read whole.
+INNER_ALL_REDUCES = {"yuan": 1, "mamba": 1, "jamba": 1}
+REFUSED = {"opt": "flattens batch and sequence"}
+# A Mamba or Mamba-2 layer holds one sub-block, the mixer: its input all-gathered once, out_proj's
+# output reduce-scattered. Bamba's mixer (one group, fewer than ranks) gathers its gated norm's input
+# and gate too, and its MLP is the second sub-block; so does Zamba2's first layer, a Mamba-2 layer.
+FIRST_BLOCK = {"mamba": {"all_gather": 1, "reduce_scatter": 1}, "mamba2": {"all_gather": 1, "reduce_scatter": 1},
+               "bamba": {"all_gather": 4, "reduce_scatter": 2}, "zamba2": {"all_gather": 3, "reduce_scatter": 1}}
+# The mirror of the mixer's collectives (Mamba: with x_proj's output gradient summed). Zamba2, on
+# average over its layers: a Mamba-2 mixer with one group costs 8 (the mirror of its 4, the gradient
+# sums of its replicated B and C rows and of its norm), the hybrid layer 1 more (its linear cuts the
+# shared block's output along the sequence: the gradient is all-gathered).
+BACKWARD_PER_BLOCK = {"mamba": 3, "mamba2": 2, "zamba2": 8}
 ENCODER_LAYERS = DECODER_LAYERS = 2  # the tiny models of registry.toml
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in REFUSED])
-def test_family_with_sequence_parallel(family, pool2):
-    result = tp.verify(family, tp=2, pool=pool2, sequence_parallel=True)
+def _check_family(result, family, size):
     assert result.ok, result.table()
     inner = {"all_reduce": INNER_ALL_REDUCES[family]} if family in INNER_ALL_REDUCES else {}
     expected = FIRST_BLOCK.get(family, {"all_gather": 2, "reduce_scatter": 2})
     assert result.first_block_forward == {**expected, **inner}, result.table()
-    assert result.activation_bytes_per_rank * 2 == result.activation_bytes_unsharded, result.table()
+    assert result.activation_bytes_per_rank * size == result.activation_bytes_unsharded, result.table()
     assert result.per_block_backward == BACKWARD_PER_BLOCK.get(family, 4 + EXTRA_BACKWARD.get(family, 0)), \
         result.table()
 
 
-def _mamba2_padded_logits_difference() -> float:
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in REFUSED])
+def test_family_with_sequence_parallel(family, pool2):
+    _check_family(tp.verify(family, tp=2, pool=pool2, sequence_parallel=True), family, 2)
+
+
+@pytest.mark.slow  # every family once more, at TP=4 (about 4 minutes on 2 cores)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in REFUSED])
+def test_family_with_sequence_parallel_tp4(family, pool4):
+    _check_family(tp.verify(family, tp=4, pool=pool4, sequence_parallel=True), family, 4)
+
+
+def _padded_logits_difference(model_type: str, **config) -> float:
     from torch.distributed.device_mesh import init_device_mesh
 
-    model = tp.testing.models.tiny_model("mamba2", n_groups=1)
+    model = tp.testing.models.tiny_model(model_type, **config)
     ids = torch.tensor([[5, 17, 42, 8, 99, 3, 64, 21], [0, 0, 0, 9, 11, 13, 15, 17]])
     mask = (ids != 0).long()  # the second row is padded on the left
     with torch.no_grad():
@@ -63,7 +77,33 @@ def test_mamba2_mixer_gathers_the_sequence_once(pool2, pool4):
     assert result.ok, result.table()
     assert result.first_block_forward == {"all_gather": 3, "reduce_scatter": 1}, result.table()
     assert result.activation_bytes_per_rank * 4 == result.activation_bytes_unsharded, result.table()
-    assert max(pool2.run(_mamba2_padded_logits_difference)) <= 1e-5
+    assert max(pool2.run(_padded_logits_difference, "mamba2", n_groups=1)) <= 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["mamba", "jamba"])
+def test_mamba_mixer_masks_the_gathered_sequence(model_type, pool2):
+    """A Mamba mixer multiplies its input by the padding mask before in_proj: the mask covers the
+    whole sequence, so the mixer gathers its input into a plain tensor first (in_proj reads it
+    without summing its gradient again: the gather reduce-scatters it)."""
+    assert max(pool2.run(_padded_logits_difference, model_type)) <= 1e-5
+
+
+def test_zamba2_shared_blocks_read_the_gathered_sequence(pool4):
+    """Zamba2's transformer blocks, kept whole and shared by several hybrid layers (two blocks over
+    three layers here, with rotary positions), read the stream and the embeddings all-gathered, and
+    each hybrid layer's linear cuts the block's output along the sequence again."""
+    config = dict(num_hidden_layers=6, layers_block_type=["mamba", "hybrid"] * 3, num_mem_blocks=2,
+                  use_mem_rope=True)
+    result = tp.verify(model_factory=functools.partial(tp.testing.models.tiny_model, "zamba2", **config), tp=4,
+                       pool=pool4, sequence_parallel=True)
+    assert result.ok, result.table()
+    assert result.activation_bytes_per_rank * 4 == result.activation_bytes_unsharded, result.table()
+    plan = tp.resolve(tp.testing.models.tiny_model("zamba2", **config), 4, sequence_parallel=True)
+    styles = {path: str(d.style) for path, d in plan.decisions.items()}
+    assert styles["model.layers.1.shared_transformer"] == "sequence_gather(kwargs=[original_hidden_states])"
+    assert styles["model.layers.1.linear"] == "sequence_shard"
+    # the shared block's own norms read its gathered input, not the stream
+    assert "model.layers.1.shared_transformer.input_layernorm" not in styles
 
 
 def test_llama_collectives_and_activation_bytes(pool2, pool4):

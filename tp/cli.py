@@ -311,7 +311,9 @@ def _group_blocks(rows, blocks: list[str]) -> list[_BlockGroup]:
     groups: dict[tuple, _BlockGroup] = {}
     for block in blocks:
         found = by_block[block]
-        key = tuple((r.module[len(block):], r.kind, r.style, r.source, r.shapes) for r in found)
+        # a module sharded by its parent names it ("sharded by model.layers.0.mamba"): the same in every block
+        key = tuple((r.module[len(block):], r.kind, r.style, r.source.replace(block + ".", "."), r.shapes)
+                    for r in found)
         if key in groups:
             groups[key].layers.append(block)
             groups[key].later_rows += found

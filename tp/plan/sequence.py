@@ -137,8 +137,6 @@ def with_sequence_parallel(plan: ResolvedPlan, model: nn.Module, registry: Regis
             "derived (sequence parallel: its experts see the tokens flattened)")
         for path in _whole_children(block, modules, plan):
             plan.decisions[path] = Decision(path, KEEP, "derived (sequence parallel: reads the gathered sequence)")
-    for path in _residual_norms(modules, plan, stacks):
-        plan.decisions[path] = Decision(path, NORM, "derived (sequence parallel)")
     points = registry.inherited(plan.family, "sequence_parallel") if plan.family else {}
     where = f"family {plan.family!r} (sequence_parallel)"
     used = set()
@@ -148,5 +146,9 @@ def with_sequence_parallel(plan: ResolvedPlan, model: nn.Module, registry: Regis
             used.add(hit[0])
             plan.decisions[path] = Decision(path, hit[1], f"family {plan.family} (sequence parallel)", hit[0])
     report_unmatched(points, used, list(modules), where, False, plan.warnings)
+    # after the family's points: a norm inside a module the family styles (a block kept whole on the
+    # gathered sequence) reads that module's input, not the stream
+    for path in _residual_norms(modules, plan, stacks):
+        plan.decisions[path] = Decision(path, NORM, "derived (sequence parallel)")
     order = {path: i for i, path in enumerate(modules)}
     plan.decisions = dict(sorted(plan.decisions.items(), key=lambda item: order[item[0]]))

@@ -257,6 +257,34 @@ class ColwiseLayout(LayoutParallel):
         return DTensor.from_local(output, device_mesh, [placement], run_check=False)
 
 
+class GivenColwiseLayout(ColwiseLayout):
+    """ColwiseLayout with its layout given whole, for a module whose parent knows its parts (a Mamba
+    mixer's ``in_proj``: ``[x | gate]``, or Mamba-2's ``[z | x | B | C | dt]``).
+
+    Keyword Args:
+        gathered_input (bool): the input is the sequence the parent all-gathered into a plain tensor
+            whose gradient, partial on each rank, the parent reduce-scatters (``gather_sequence``):
+            it is read as it is, with no ``f``, which would sum that gradient twice. Default: False.
+
+    Example::
+        >>> layout = Layout((Part(256, 1, name="x"), Part(256, 1, name="gate")))
+        >>> parallelize_module(model, mesh, {"layers.0.mixer.in_proj": GivenColwiseLayout(layout)})
+    """
+
+    def __init__(self, layout: Layout, *, gathered_input: bool = False):
+        super().__init__()
+        self.layout, self.gathered_input = layout, gathered_input
+
+    def layouts(self, module: nn.Module) -> dict[str, tuple[Layout, int]]:
+        return {name: (self.layout, 0) for name in ("weight", "bias") if getattr(module, name, None) is not None}
+
+    def _local_input(self, module, x, device_mesh) -> torch.Tensor:
+        return x if self.gathered_input else super()._local_input(module, x, device_mesh)
+
+    def __repr__(self) -> str:
+        return f"GivenColwiseLayout({self.layout!r}, gathered_input={self.gathered_input})"
+
+
 class RowwiseLayout(LayoutParallel):
     """Row parallel for a weight whose input features follow a layout (the mirror of ``ColwiseLayout``).
 

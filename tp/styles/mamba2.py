@@ -22,18 +22,18 @@ from functools import partial
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
-from ..errors import PlanError, SizeError
-from ..sharding.collectives import mesh_group, replicated_input
+from ..errors import SizeError
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_during_forward, lend_local_params
 from ..sharding.tags import local_rows, module_layouts, place_parameter
 from .descriptor import Act, Site, Style
 from .gathered_norm import GatheredNorm
-from .layout import ColwiseLayout, first_input
+from .layout import GivenColwiseLayout
 from .linear import OwnedRowwiseParallel, SequenceArgs
+from .sequence import gather_mixer_input
 from .shard_rows import ShardRows
 
 # the mixer's attributes that hold sizes, and the parameters the mixer reads directly
@@ -84,35 +84,6 @@ def mixer_collectives(site: Site) -> tuple[int, int]:
     return base + 2, base + 2 + len(list(mixer.norm.parameters())) + replicated
 
 
-class _ColwiseWith(ColwiseLayout):
-    """ColwiseLayout with a layout given whole, not built from parts and heads."""
-
-    def __init__(self, layout: Layout):
-        super().__init__()
-        self.layout = layout
-
-    def layouts(self, module: nn.Module) -> dict[str, tuple[Layout, int]]:
-        return {name: (self.layout, 0) for name in ("weight", "bias") if getattr(module, name, None) is not None}
-
-
-class _GatheredColwise(_ColwiseWith):
-    """in_proj under sequence parallelism: its input is the sequence the mixer gathered, read as it
-    is; its gradient, partial on each rank, is reduce-scattered where the mixer gathered it."""
-
-    def _local_input(self, module, x, device_mesh):
-        return x
-
-
-def _gather_sequence(mesh: DeviceMesh, module: nn.Module, args: tuple, kwargs: dict):
-    """The mixer's sequence-sharded input, all-gathered into a plain tensor whose gradient is
-    marked partial (reduce-scattered in the backward): ``replicated_input``."""
-    x, rebuild = first_input("mamba2_mixer", module, args, kwargs)
-    if not isinstance(x, DTensor):
-        raise PlanError(f"mamba2_mixer: under sequence parallelism {type(module).__name__} expects the "
-                        "sequence-sharded residual stream (a DTensor), but got a plain tensor")
-    return rebuild(replicated_input(x, mesh_group(mesh)))
-
-
 class Mamba2Mixer(ParallelStyle):
     """Shard a transformers Mamba-2 mixer by heads and groups (see the module docstring).
 
@@ -144,11 +115,11 @@ class Mamba2Mixer(ParallelStyle):
             raise SizeError(f"{type(module).__name__}: {'; '.join(dict.fromkeys(problems))}; use a tensor-parallel "
                             "size that divides the heads and the groups")
         if self.sequence_dim is None:
-            parallelize_module(module.in_proj, device_mesh, _ColwiseWith(layouts["in_proj.weight"][0]))
+            parallelize_module(module.in_proj, device_mesh, GivenColwiseLayout(layouts["in_proj.weight"][0]))
             parallelize_module(module.out_proj, device_mesh, OwnedRowwiseParallel())
         else:
-            module.register_forward_pre_hook(partial(_gather_sequence, device_mesh), with_kwargs=True)
-            parallelize_module(module.in_proj, device_mesh, _GatheredColwise(layouts["in_proj.weight"][0]))
+            module.register_forward_pre_hook(partial(gather_mixer_input, "mamba2_mixer", device_mesh), with_kwargs=True)
+            parallelize_module(module.in_proj, device_mesh, GivenColwiseLayout(layouts["in_proj.weight"][0], gathered_input=True))
             parallelize_module(module.out_proj, device_mesh, OwnedRowwiseParallel(
                 output_layouts=Shard(self.sequence_dim), use_local_output=False))
         # per-head parameters, and the norm's groups when each rank holds whole ones: equal row blocks

@@ -8,14 +8,17 @@ from dataclasses import replace
 from pydantic import Field
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ParallelStyle,
     PrepareModuleOutput,
     SequenceParallel,
 )
 
+from ..errors import PlanError
+from ..sharding.collectives import mesh_group, replicated_input
 from .descriptor import Act, Args, Style
+from .layout import first_input
 from .linear import COLWISE, OwnedColwiseParallel
 from .whole import ReplicateBlockInput
 
@@ -24,10 +27,71 @@ class SequenceDimArgs(Args):
     sequence_dim: int = 1
 
 
+class GatheredWholeArgs(SequenceDimArgs):
+    kwargs: tuple[str, ...] = Field((), description="keyword inputs all-gathered besides the first input")
+
+
 class SequenceBlockArgs(SequenceDimArgs):
     kwarg: str = Field("hidden_states", description="the keyword that carries the block input")
     partial_output: bool = Field(True, description="the block leaves partial sums (reduce-scattered); "
                                  "false: complete ones, cut locally")
+
+
+def gather_mixer_input(style: str, mesh: DeviceMesh, module: nn.Module, args: tuple, kwargs: dict):
+    """A Mamba mixer's forward pre-hook under sequence parallelism: its convolution and scan need the
+    whole sequence, so its sequence-sharded input is all-gathered into a plain tensor (a padding mask
+    multiplies it before in_proj) whose gradient, partial on each rank, is reduce-scattered in the
+    backward (``replicated_input``). in_proj then reads it as it is (``GivenColwiseLayout`` with
+    ``gathered_input``)."""
+    x, rebuild = first_input(style, module, args, kwargs)
+    if not isinstance(x, DTensor):
+        raise PlanError(f"{style}: under sequence parallelism {type(module).__name__} expects the "
+                        "sequence-sharded residual stream (a DTensor), but got a plain tensor")
+    return rebuild(replicated_input(x, mesh_group(mesh)))
+
+
+class GatheredWhole(ParallelStyle):
+    """Run a module kept whole on the gathered sequence, between sequence-sharded activations.
+
+    A module that no rank shards, but that reads the sequence-sharded residual stream (Zamba2's
+    transformer block shared by its hybrid layers, which reads the stream and the embeddings), needs
+    the whole sequence: its input and the keyword inputs named in ``kwargs`` are all-gathered into
+    plain tensors, and it computes exactly as unsharded, on every rank. Its output is complete on
+    every rank (a later ``sequence_shard`` cuts it), so the gradient reaching its inputs is complete
+    too and is only cut locally in the backward: no collective.
+
+    Keyword Args:
+        kwargs (tuple[str, ...]): keyword inputs gathered besides the first input. Default: none.
+        sequence_dim (int): the sequence dimension of those inputs. Default: 1.
+
+    Example::
+        >>> plan = {"model.layers.6.shared_transformer": GatheredWhole(kwargs=("original_hidden_states",)),
+        ...         "model.layers.6.linear": PrepareModuleOutput(output_layouts=Replicate(),
+        ...                                                      desired_output_layouts=Shard(1))}
+        >>> parallelize_module(model, mesh, plan)
+    """
+
+    def __init__(self, *, kwargs: tuple[str, ...] = (), sequence_dim: int = 1):
+        self.kwargs, self.sequence_dim = tuple(kwargs), sequence_dim
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        def gather(where: str, x):
+            if not isinstance(x, DTensor) or tuple(x.placements) != (Shard(self.sequence_dim),):
+                raise PlanError(f"sequence_gather on {type(module).__name__}: its {where} should be the residual "
+                                f"stream sharded along dimension {self.sequence_dim}, but is "
+                                f"{x.placements if isinstance(x, DTensor) else type(x).__name__}")
+            return x.redistribute(device_mesh, [Replicate()]).to_local(grad_placements=[Replicate()])
+
+        def hook(mod, args, kwargs):
+            x, rebuild = first_input("sequence_gather", mod, args, kwargs)
+            args, kwargs = rebuild(gather("input", x))
+            return args, {k: gather(k, v) if k in self.kwargs and v is not None else v for k, v in kwargs.items()}
+
+        module.register_forward_pre_hook(hook, with_kwargs=True)
+        return module
+
+    def __repr__(self) -> str:
+        return f"GatheredWhole(kwargs={self.kwargs!r}, sequence_dim={self.sequence_dim})"
 
 
 class GatheredSequenceBlock(ParallelStyle):
@@ -89,6 +153,15 @@ SEQUENCE_SHARD = Style(
         site.args.sequence_dim), use_local_output=False),
     args=SequenceDimArgs, doc="a sync point after a module: its output leaves sharded along the sequence",
     reads=Act.REPLICATED, leaves=Act.SEQUENCE, collectives=lambda site: (0, _output_gradient_gathered(site)))
+
+# Forward: one all-gather per input; backward: none (the complete gradient is cut locally).
+SEQUENCE_GATHER = Style(
+    name="sequence_gather",
+    build=lambda site: GatheredWhole(kwargs=site.args.kwargs, sequence_dim=site.args.sequence_dim),
+    args=GatheredWholeArgs,
+    doc="a module kept whole on the gathered sequence: its sequence-sharded inputs all-gathered (Zamba2's "
+        "shared block under SP)",
+    reads=Act.SEQUENCE, leaves=Act.REPLICATED, collectives=lambda site: (1 + len(site.args.kwargs), 0))
 
 # Forward: the input's all-gather (none inside another shared block input) and the partial output's
 # reduce-scatter (a complete output is cut locally); backward: their mirror (the output gradient
