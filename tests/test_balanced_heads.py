@@ -65,11 +65,16 @@ def test_balanced_heads_match_the_unsharded_model(family, heads, pool4):
     assert result.per_block_forward == 2 and result.per_block_backward == 6, result.table()
 
 
-def test_sequence_parallelism_refuses_balanced_heads():
-    """Under sequence parallelism o_proj is torch's RowwiseParallel, which splits as torch.chunk."""
-    model = tiny_model("llama", **MHA_6)
-    with pytest.raises(tp.SizeError, match=r"o_proj: heads \(48 / head_dim 8\) = 6 does not divide by tp=4"):
-        tp.checks.sizes.check(model, tp.resolve(model, 4, sequence_parallel=True), 4)
+def test_sequence_parallelism_with_balanced_heads(pool4):
+    """Under sequence parallelism o_proj reads its local input as the heads split (2, 2, 1, 1) and
+    reduce-scatters its partial output: the dense 2 all-gathers and 2 reduce-scatters per layer,
+    the backward's mirror plus one all-reduce per projection stored whole."""
+    result = tp.verify(model_factory=functools.partial(tiny_model, "llama", **HEADS["gqa-6q-3kv"]), pool=pool4, tp=4,
+                       sequence_parallel=True)
+    assert result.ok, result.table()
+    assert result.first_block_forward == {"all_gather": 2, "reduce_scatter": 2}, result.table()
+    assert result.per_block_backward == 4 + 4, result.table()
+    assert result.activation_bytes_per_rank * 4 == result.activation_bytes_unsharded, result.table()
 
 
 def _stored_heads(model) -> int:
@@ -137,8 +142,8 @@ def test_balanced_heads_in_fused_projections_match_the_unsharded_model(family, p
 
 
 def test_sequence_parallelism_with_balanced_heads_in_gpt2(pool4):
-    """GPT-2's c_proj is a Conv1D, which tp's row style runs on this rank's input features whatever
-    their split; a plain o_proj under sequence parallelism is torch's RowwiseParallel (refused above)."""
+    """GPT-2's c_attn and c_proj are Conv1D layers: the fused q/kv parts split balanced under
+    sequence parallelism too."""
     config, size = FUSED["gpt2"]
     result = tp.verify(model_factory=functools.partial(tiny_model, "gpt2", **config), pool=pool4, tp=size,
                        sequence_parallel=True)

@@ -57,13 +57,12 @@ def test_packed_gate_up_is_refused_with_the_reason():
 
 def test_heads_are_not_split_as_rows():
     # 6 query heads of 8 features: 48 features would split 12/12/12/12 at TP=4, cutting heads apart.
-    # Plain q/k/v/o linears split them balanced instead (tests/test_balanced_heads.py); under sequence
-    # parallelism o_proj is torch's RowwiseParallel, which splits rows as torch.chunk does: refused
+    # Plain q/k/v/o linears split them balanced instead (tests/test_balanced_heads.py), with or
+    # without sequence parallelism; the intermediate features split as torch.chunk does
     model = tp.testing.models.tiny_model("llama", num_attention_heads=6, num_key_value_heads=3, hidden_size=48,
                                          head_dim=8, intermediate_size=201)
     assert tp.checks.sizes.problems(model, tp.resolve(model, 4), 4)[0] == []
-    lines, _ = tp.checks.sizes.problems(model, tp.resolve(model, 4, sequence_parallel=True), 4)
-    assert any("o_proj" in line and "heads (48 / head_dim 8) = 6 does not divide by tp=4" in line for line in lines)
+    assert tp.checks.sizes.problems(model, tp.resolve(model, 4, sequence_parallel=True), 4)[0] == []
     # T5's 8 heads at TP=3 would split balanced (3, 3, 2), but its relative attention bias holds one
     # value per head, split as torch.chunk splits it: refused, naming it
     t5 = tp.testing.models.build(tp.testing.models.family_config("t5"), device="meta")
@@ -80,6 +79,28 @@ def test_uneven_intermediate_matches_the_unsharded_model(case, request):
     assert result.worst_grad_rel <= 1e-4, result.table()
     assert result.gathered_exact, result.gathered_mismatch
     assert result.collectives_ok, result.table()
+
+
+@pytest.mark.parametrize("case", ["llama-201-tp2", "llama-203-tp4", "gpt2-201-tp2"])
+def test_uneven_intermediate_under_sequence_parallelism(case, request):
+    """The row-parallel down_proj reads its local features as torch.chunk split them and
+    reduce-scatters its output along the sequence."""
+    family, overrides, size = CASES[case]
+    result = tp.verify(family, tp=size, config_overrides=overrides, pool=request.getfixturevalue(f"pool{size}"),
+                       sequence_parallel=True)
+    assert result.ok, result.table()
+    assert result.activation_bytes_per_rank * size == result.activation_bytes_unsharded, result.table()
+
+
+def test_sequence_parallelism_refuses_a_rank_with_no_features():
+    """5 intermediate features at TP=4 leave the last rank none: a plain row-parallel linear runs
+    with an empty shard, but under sequence parallelism it is laid out as a module that may be a
+    convolution, which cannot, so the split is refused with the sizes that work."""
+    model = tp.testing.models.tiny_model("llama", intermediate_size=5)
+    lines, working = tp.checks.sizes.problems(model, tp.resolve(model, 4, sequence_parallel=True), 4)
+    assert lines == ["model.layers.*.mlp.down_proj.weight: part 0: 5 rows split as torch.chunk splits them "
+                     "(2 per rank) leave rank 3 none at tp=4"]
+    assert 4 not in working and 2 in working
 
 
 def _conv_pair_on_rank(middle: int) -> dict:

@@ -154,9 +154,13 @@ def build_colwise(site: Site) -> ParallelStyle:
 
 
 def build_rowwise(site: Site) -> ParallelStyle:
-    """With ``sequence_dim`` the partial outputs are reduce-scattered along it instead of all-reduced."""
+    """With ``sequence_dim`` the partial outputs are reduce-scattered along it instead of all-reduced.
+
+    A plain linear then reads its local input features as ``RowwiseLayout`` lays them out: whole
+    heads split balanced, or features split as ``torch.chunk`` does. torch's ``RowwiseParallel``
+    would read a local input as an even split of the global features."""
     args = site.args
-    if _needs_layout(site.module, args.parts, args.unit):
+    if _needs_layout(site.module, args.parts, args.unit) or (_sequence(args) and _plain_linear(site.module)):
         return RowwiseLayout(parts=args.parts, unit=args.unit, heads=site.heads, sequence_dim=args.sequence_dim,
                              use_local_output=args.local_output)
     if _sequence(args):
@@ -266,8 +270,8 @@ COLWISE = Style(
 
 # an all-reduce, or a reduce-scatter with its all-gather in the backward. Uneven features (an
 # intermediate size of 201 at TP=2) are exact where the input arrives as the local features the
-# column-parallel linear before left; torch's RowwiseParallel (sequence parallel, a DTensor output)
-# would infer the global size from an even split.
+# column-parallel linear before left; torch's RowwiseParallel (sequence parallel on a linear that is
+# not plain, BitNet's) would infer the global size from an even split.
 ROWWISE = Style(
     name="rowwise", build=build_rowwise, args=RowwiseArgs, supports=LAYOUT_TYPES,
     doc="input features sharded; partial outputs all-reduced (reduce-scattered under sequence parallelism)",
