@@ -20,6 +20,7 @@ CASES = {
     "phi3_gqa": ("phi3", {"num_key_value_heads": 2}),     # fused qkv of unequal parts
     "yuan": ("yuan", {}),                                 # v/o in two head halves
     "gpt2": ("gpt2", {}),                                 # Conv1D, tied embeddings
+    "mamba": ("mamba", {}),                               # a mixer style's layouts: [x | gate], channels
 }
 
 

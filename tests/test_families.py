@@ -114,3 +114,14 @@ def test_mamba2_heads_that_do_not_divide_are_refused_before_sharding():
     problems, working = tp.checks.sizes.problems(model, tp.resolve(model, 3), 3)
     assert any("x heads: 16 heads of 8 rows do not divide by tp=3" in p for p in problems), problems
     assert working == [1, 2, 4, 8, 16]
+
+
+def test_torch_dcp_reshards_a_mamba_mixer(pool2, pool4, tmp_path):
+    """The mamba_mixer style's layouts ([x | gate] in in_proj, channels in conv1d, dt_proj, A_log,
+    D, x_proj and out_proj) are what torch's DCP reads: saved at TP=4, loaded at TP=2 bit for bit."""
+    from tp.testing import torch_dcp
+
+    path, saved = str(tmp_path / "dcp"), functools.partial(tp.testing.models.tiny_model, "jamba")
+    pool4.run(torch_dcp.save, saved, path)
+    other = functools.partial(tp.testing.models.tiny_model, "jamba", seed=1)
+    assert pool2.run(torch_dcp.mismatches, other, saved, path) == [[]] * 2
