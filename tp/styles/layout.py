@@ -263,7 +263,7 @@ class GivenColwiseLayout(ColwiseLayout):
 
     Keyword Args:
         gathered_input (bool): the input is the sequence the parent all-gathered into a plain tensor
-            whose gradient, partial on each rank, the parent reduce-scatters (``gather_sequence``):
+            whose gradient, partial on each rank, the parent reduce-scatters (``tp.styles.mixer``):
             it is read as it is, with no ``f``, which would sum that gradient twice. Default: False.
 
     Example::

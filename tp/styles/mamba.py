@@ -12,25 +12,20 @@ of ``conv1d`` and ``dt_proj`` directly instead of calling them, so it is lent th
 2 all-reduces per mixer forward (x_proj, out_proj) and 2 backward (x_proj's output, the input).
 
 Under sequence parallelism the convolution and the scan need the whole sequence: the mixer gathers
-its sequence-sharded input once (``gather_mixer_input``; its gradient is reduce-scattered), and
+its sequence-sharded input once (``tp.styles.mixer``; its gradient is reduce-scattered), and
 ``out_proj`` reduce-scatters its partial output along the sequence instead of all-reducing it.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard
-from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
+from torch.distributed.tensor.parallel import parallelize_module
 
-from ..errors import SizeError
 from ..sharding.layouts import Layout, Part
-from .descriptor import Act, Site, Style
-from .layout import GivenColwiseLayout
-from .linear import OwnedRowwiseParallel, RowwiseIntoSharded, SequenceArgs
-from .sequence import gather_mixer_input
+from .descriptor import Site, Style
+from .linear import RowwiseIntoSharded, SequenceArgs
+from .mixer import MixerParallel, stream
 from .shard_rows import ShardRows
 
 # the children the mixer calls, those whose weights it reads directly, and its own per-channel parameters
@@ -67,57 +62,31 @@ def mixer_collectives(site: Site) -> tuple[int, int]:
     return (3, 3) if site.args.sequence_dim is not None else (2, 2)
 
 
-class MambaMixer(ParallelStyle):
+class MambaMixer(MixerParallel):
     """Shard a transformers Mamba mixer (Mamba, Falcon-Mamba, Jamba) by channels (see the module docstring).
 
     ``intermediate_size`` must divide by the tensor-parallel size.
 
     Keyword Args:
-        sequence_dim (int, optional): under sequence parallelism, the sequence dimension of the
-            mixer's input and output: the input is all-gathered along it and ``out_proj``'s
-            output reduce-scattered. Default: None (no sequence parallelism).
+        sequence_dim (int, optional): under sequence parallelism (see ``MixerParallel``). Default: None.
 
     Example::
         >>> parallelize_module(model, mesh, {"backbone.layers.*.mixer": MambaMixer()})
         >>> parallelize_module(model, mesh, {"backbone.layers.*.mixer": MambaMixer(sequence_dim=1)})
     """
 
-    def __init__(self, *, sequence_dim: int | None = None):
-        super().__init__()
-        self.sequence_dim = sequence_dim
+    name, sizes = "mamba_mixer", "the intermediate size"
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        tp = device_mesh.size()
-        layouts = mixer_layouts(module)
-        problems = [p for layout, _ in layouts.values() for p in layout.problems(tp)]
-        if problems:
-            raise SizeError(f"{type(module).__name__}: {'; '.join(dict.fromkeys(problems))}; use a tensor-parallel "
-                            "size that divides the intermediate size")
-        gathered = self.sequence_dim is not None
-        if gathered:
-            module.register_forward_pre_hook(partial(gather_mixer_input, "mamba_mixer", device_mesh),
-                                             with_kwargs=True)
-            out_proj = OwnedRowwiseParallel(output_layouts=Shard(self.sequence_dim), use_local_output=False)
-        else:
-            out_proj = OwnedRowwiseParallel()
-        parallelize_module(module.in_proj, device_mesh,
-                           GivenColwiseLayout(layouts["in_proj.weight"][0], gathered_input=gathered))
+        self._shard_ends(module, device_mesh, mixer_layouts(module))
         parallelize_module(module.x_proj, device_mesh, RowwiseIntoSharded())
-        parallelize_module(module.out_proj, device_mesh, out_proj)
         for child in READ_DIRECTLY:
             parallelize_module(getattr(module, child), device_mesh, ShardRows())
         parallelize_module(module, device_mesh, ShardRows(params=OWN, lend=READ_DIRECTLY))
-        channels = module.intermediate_size // tp
+        channels = module.intermediate_size // device_mesh.size()
         module.intermediate_size = channels
         module.conv1d.in_channels = module.conv1d.out_channels = module.conv1d.groups = channels
         return module
-
-    def __repr__(self) -> str:
-        return f"MambaMixer(sequence_dim={self.sequence_dim})"
-
-
-def _stream(args: SequenceArgs) -> Act:
-    return Act.SEQUENCE if args.sequence_dim is not None else Act.REPLICATED
 
 
 MAMBA_MIXER = Style(
@@ -125,5 +94,5 @@ MAMBA_MIXER = Style(
     doc="a Mamba mixer split by channels: in_proj column-parallel in [x | gate], conv1d, dt_proj and the scan "
         "per rank, x_proj and out_proj row-parallel (under sequence parallelism its input all-gathered, "
         "out_proj's output reduce-scattered)",
-    reads=_stream, leaves=_stream, layouts=lambda site: mixer_layouts(site.module),
+    reads=stream, leaves=stream, layouts=lambda site: mixer_layouts(site.module),
     collectives=mixer_collectives, takes_sequence_dim=True)

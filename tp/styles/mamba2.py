@@ -22,18 +22,15 @@ from functools import partial
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard
-from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
+from torch.distributed.tensor.parallel import parallelize_module
 
-from ..errors import SizeError
 from ..sharding.layouts import Layout, Part
 from ..sharding.lending import lend_during_forward, lend_local_params
 from ..sharding.tags import local_rows, module_layouts, place_parameter
-from .descriptor import Act, Site, Style
+from .descriptor import Site, Style
 from .gathered_norm import GatheredNorm
-from .layout import GivenColwiseLayout
-from .linear import OwnedRowwiseParallel, SequenceArgs
-from .sequence import gather_mixer_input
+from .linear import SequenceArgs
+from .mixer import MixerParallel, stream
 from .shard_rows import ShardRows
 
 # the mixer's attributes that hold sizes, and the parameters the mixer reads directly
@@ -84,7 +81,7 @@ def mixer_collectives(site: Site) -> tuple[int, int]:
     return base + 2, base + 2 + len(list(mixer.norm.parameters())) + replicated
 
 
-class Mamba2Mixer(ParallelStyle):
+class Mamba2Mixer(MixerParallel):
     """Shard a transformers Mamba-2 mixer by heads and groups (see the module docstring).
 
     ``num_heads`` must divide by the tensor-parallel size, and ``n_groups`` either divide by it or
@@ -94,34 +91,19 @@ class Mamba2Mixer(ParallelStyle):
     (``GatheredNorm``): one all-gather more in the forward.
 
     Keyword Args:
-        sequence_dim (int, optional): under sequence parallelism, the sequence dimension of the
-            mixer's input and output: the input is all-gathered along it and ``out_proj``'s
-            output reduce-scattered. Default: None (no sequence parallelism).
+        sequence_dim (int, optional): under sequence parallelism (see ``MixerParallel``). Default: None.
 
     Example::
         >>> parallelize_module(model, mesh, {"backbone.layers.*.mixer": Mamba2Mixer()})
         >>> parallelize_module(model, mesh, {"backbone.layers.*.mixer": Mamba2Mixer(sequence_dim=1)})
     """
 
-    def __init__(self, *, sequence_dim: int | None = None):
-        super().__init__()
-        self.sequence_dim = sequence_dim
+    name, sizes = "mamba2_mixer", "the heads and the groups"
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         tp = device_mesh.size()
         layouts = mixer_layouts(module)
-        problems = [p for layout, _ in layouts.values() for p in layout.problems(tp)]
-        if problems:
-            raise SizeError(f"{type(module).__name__}: {'; '.join(dict.fromkeys(problems))}; use a tensor-parallel "
-                            "size that divides the heads and the groups")
-        if self.sequence_dim is None:
-            parallelize_module(module.in_proj, device_mesh, GivenColwiseLayout(layouts["in_proj.weight"][0]))
-            parallelize_module(module.out_proj, device_mesh, OwnedRowwiseParallel())
-        else:
-            module.register_forward_pre_hook(partial(gather_mixer_input, "mamba2_mixer", device_mesh), with_kwargs=True)
-            parallelize_module(module.in_proj, device_mesh, GivenColwiseLayout(layouts["in_proj.weight"][0], gathered_input=True))
-            parallelize_module(module.out_proj, device_mesh, OwnedRowwiseParallel(
-                output_layouts=Shard(self.sequence_dim), use_local_output=False))
+        self._shard_ends(module, device_mesh, layouts)
         # per-head parameters, and the norm's groups when each rank holds whole ones: equal row blocks
         parallelize_module(module, device_mesh, ShardRows(params=OWN))
         if "norm.weight" in layouts:
@@ -137,9 +119,6 @@ class Mamba2Mixer(ParallelStyle):
         self._set_local_sizes(module, tp)
         return module
 
-    def __repr__(self) -> str:
-        return f"Mamba2Mixer(sequence_dim={self.sequence_dim})"
-
     @staticmethod
     def _set_local_sizes(module: nn.Module, tp: int) -> None:
         for attr in ("num_heads", "intermediate_size"):
@@ -150,13 +129,9 @@ class Mamba2Mixer(ParallelStyle):
         module.conv_dim = module.conv1d.in_channels = module.conv1d.out_channels = module.conv1d.groups = channels
 
 
-def _stream(args: SequenceArgs) -> Act:
-    return Act.SEQUENCE if args.sequence_dim is not None else Act.REPLICATED
-
-
 MAMBA2_MIXER = Style(
     name="mamba2_mixer", build=lambda site: Mamba2Mixer(sequence_dim=site.args.sequence_dim), args=SequenceArgs,
     doc="a Mamba-2 mixer split by heads and groups: in_proj, conv1d and the scan per rank, out_proj row-parallel "
         "(under sequence parallelism its input all-gathered, out_proj's output reduce-scattered)",
-    reads=_stream, leaves=_stream, layouts=lambda site: mixer_layouts(site.module),
+    reads=stream, leaves=stream, layouts=lambda site: mixer_layouts(site.module),
     collectives=mixer_collectives, takes_sequence_dim=True)

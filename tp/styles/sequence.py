@@ -16,7 +16,6 @@ from torch.distributed.tensor.parallel import (
 )
 
 from ..errors import PlanError
-from ..sharding.collectives import mesh_group, replicated_input
 from .descriptor import Act, Args, Style
 from .layout import first_input
 from .linear import COLWISE, OwnedColwiseParallel
@@ -35,19 +34,6 @@ class SequenceBlockArgs(SequenceDimArgs):
     kwarg: str = Field("hidden_states", description="the keyword that carries the block input")
     partial_output: bool = Field(True, description="the block leaves partial sums (reduce-scattered); "
                                  "false: complete ones, cut locally")
-
-
-def gather_mixer_input(style: str, mesh: DeviceMesh, module: nn.Module, args: tuple, kwargs: dict):
-    """A Mamba mixer's forward pre-hook under sequence parallelism: its convolution and scan need the
-    whole sequence, so its sequence-sharded input is all-gathered into a plain tensor (a padding mask
-    multiplies it before in_proj) whose gradient, partial on each rank, is reduce-scattered in the
-    backward (``replicated_input``). in_proj then reads it as it is (``GivenColwiseLayout`` with
-    ``gathered_input``)."""
-    x, rebuild = first_input(style, module, args, kwargs)
-    if not isinstance(x, DTensor):
-        raise PlanError(f"{style}: under sequence parallelism {type(module).__name__} expects the "
-                        "sequence-sharded residual stream (a DTensor), but got a plain tensor")
-    return rebuild(replicated_input(x, mesh_group(mesh)))
 
 
 class GatheredWhole(ParallelStyle):
