@@ -6,6 +6,7 @@ module and the override or registry entry that caused it (tp/checks/consistency.
 import pytest
 
 import tp
+import tp.testing.models
 
 CASES = {
     # override -> (module named, words of the reason)
@@ -151,3 +152,23 @@ def test_an_override_of_one_later_layer_is_checked(llama_meta):
     styles = {p: str(d.style) for p, d in fixed.decisions.items() if ".self_attn." in p}
     assert styles["model.layers.1.self_attn.q_proj"] == "keep" and styles["model.layers.0.self_attn.q_proj"] == "colwise"
     assert not fixed.inconsistencies
+
+
+def test_an_override_inside_a_mixer_style_is_refused_or_keeps_the_mixer(pool2):
+    """A Mamba mixer's style shards its linears together: an override on one of them is refused,
+    naming the mixer; one that keeps it whole can keep the whole mixer instead, with the norms the
+    family styles inside it (Jamba's dt, B and C norms would otherwise sum complete gradients)."""
+    model = tp.testing.models.tiny_model("jamba")
+    found = tp.resolve(model, 2, allreduce="in_proj").inconsistencies
+    assert found == ["model.layers.0.mamba.in_proj (rowwise, from argument 'in_proj') is sharded by the style of "
+                     "model.layers.0.mamba (mamba_mixer), which leaves it no style of its own; leave it out of the "
+                     "plan"], found
+    (kept,) = tp.resolve(model, 2, keep="x_proj").inconsistencies
+    assert kept.endswith("or keep model.layers.0.mamba whole with every module inside (fix_overrides=True "
+                         "(--fix-overrides) does)"), kept
+    with pytest.warns(UserWarning, match=r"its whole unit \(mamba, mamba.x_proj, mamba.dt_layernorm"):
+        fixed = tp.resolve(model, 2, keep="x_proj", fix_overrides=True)
+    inside = {p: str(d.style) for p, d in fixed.decisions.items() if ".mamba" in p}
+    assert set(inside.values()) == {"keep"} and "model.layers.2.mamba.b_layernorm" in inside
+    result = tp.verify("jamba", tp=2, pool=pool2, keep=["x_proj"], fix_overrides=True)
+    assert result.ok, result.table()

@@ -67,9 +67,9 @@ def _describe(path: str, decision: Decision | None) -> str:
     return f"{path} ({decision.style}, from {decision.source}{pattern})"
 
 
-def _laid_out_by_parent(model: nn.Module, resolved: ResolvedPlan) -> set[str]:
-    """Modules whose parameters a parent's style lays out (a Mamba-2 mixer's in_proj)."""
-    found = set()
+def _laid_out_by_parent(model: nn.Module, resolved: ResolvedPlan) -> dict[str, str]:
+    """Module -> the parent whose style lays out its parameters (a Mamba mixer's in_proj -> the mixer)."""
+    found = {}
     for path, decision in resolved.decisions.items():
         try:
             laid = layouts(decision, model.get_submodule(path)) or {}
@@ -78,7 +78,7 @@ def _laid_out_by_parent(model: nn.Module, resolved: ResolvedPlan) -> set[str]:
         for name in laid:
             child = name.rpartition(".")[0]
             if child:
-                found.add(f"{path}.{child}")
+                found[f"{path}.{child}"] = path
     return found
 
 
@@ -89,7 +89,7 @@ def _layouts_of(decision: Decision | None) -> tuple[Act, Act]:
     return style.input_layout(options), style.output_layout(options)
 
 
-def _block_problems(block: str, flow: BlockFlow, decisions: dict[str, Decision], laid_out: set[str],
+def _block_problems(block: str, flow: BlockFlow, decisions: dict[str, Decision], laid_out: dict[str, str],
                     overrides: set[str]) -> list[Problem]:
     leaves: dict[str, Act | None] = {}  # node -> its output's layout; None where a parent decides
     found: list[Problem] = []
@@ -148,12 +148,30 @@ def problems(model: nn.Module, resolved: ResolvedPlan, trace: Trace, overrides: 
     # every module list's entries are blocks here (an encoder's layers beside the decoder's)
     listed = [f"{p}.{i}" for p, m in model.named_modules() if isinstance(m, nn.ModuleList) for i in range(len(m))]
     for path, decision in resolved.decisions.items():
+        parent = laid_out.get(path)
+        if parent is not None:  # an override naming a module its parent's style shards (a Mamba mixer's x_proj)
+            found.append(_restyled_child(path, decision, parent, resolved.decisions, listed, overrides))
+            continue
         inside = any(path.startswith(b + ".") for b in listed)
         if not inside and isinstance(model.get_submodule(path), LINEAR_TYPES) \
                 and _layouts_of(decision)[0] is Act.FEATURES:
             found.append(Problem(f"{_describe(path, decision)} is row-parallel, but outside the repeated blocks its "
                                  "input is whole; give it the lm_head style, or keep it whole"))
     return found
+
+
+def _restyled_child(path: str, decision: Decision, parent: str, decisions: dict[str, Decision], listed: list[str],
+                    overrides: set[str]) -> Problem:
+    """A module its parent's style shards, given a style of its own. An override that keeps it whole
+    can keep the parent whole instead, with every module inside it (the unit ``fixes`` keeps)."""
+    block = next((b for b in listed if path.startswith(b + ".")), "")
+    message = (f"{_describe(path, decision)} is sharded by the style of {parent} ({decisions[parent].style}), "
+               "which leaves it no style of its own; leave it out of the plan")
+    if not block or decision.source not in overrides or _layouts_of(decision) != (Act.REPLICATED, Act.AS_READ):
+        return Problem(message, block)
+    unit = tuple(p[len(block) + 1:] for p in decisions if p == parent or p.startswith(parent + "."))
+    return Problem(f"{message}, or keep {parent} whole with every module inside ({FIX_OPTION} does)", block, unit,
+                   decision)
 
 
 def messages(found: list[Problem]) -> list[str]:
