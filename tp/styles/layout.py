@@ -55,6 +55,8 @@ def parameter_dims(module: nn.Module, kind: str, who: str | None = None) -> dict
 
     ``who`` names the style in errors (default: ``kind``)."""
     who = who or kind
+    if isinstance(module, nn.Embedding) and kind == "colwise":  # one column per head (T5's relative bias)
+        return {"weight": 1}
     if isinstance(module, (nn.Linear, *CONVOLUTIONS)):
         if isinstance(module, CONVOLUTIONS) and module.groups != 1:
             raise NotImplementedError(
@@ -77,12 +79,13 @@ def feature_dim(module: nn.Module, x: torch.Tensor) -> int:
 
 
 def heads_layout(size: int, heads: Heads | None) -> Layout | None:
-    """The layout of a linear's ``size`` sharded features when they are all the query heads of its
-    attention (q_proj, o_proj, GPT-2's c_proj): whole heads, balanced where they do not divide (6
-    over 4 ranks as 2, 2, 1, 1). None for other features, split as ``torch.chunk`` splits them
-    (and GQA kv heads, which ``tp.checks.sizes`` checks divide)."""
-    if heads is not None and size == heads.q * heads.dim:
-        return heads.query_layout(heads.dim)
+    """The layout of ``size`` sharded features or rows when they are all the query heads of an
+    attention (q_proj, o_proj, GPT-2's c_proj) or one value per query head (GPT-OSS's sinks, T5's
+    relative attention bias): whole heads, balanced where they do not divide (6 over 4 ranks as 2,
+    2, 1, 1). None for others, split as ``torch.chunk`` splits them (and GQA kv heads, which
+    ``tp.checks.sizes`` checks divide)."""
+    if heads is not None and size in (heads.q * heads.dim, heads.q):
+        return heads.query_layout(size // heads.q)
     return None
 
 

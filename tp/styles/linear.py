@@ -24,6 +24,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from ..sharding.collectives import f, to_local
+from ..sharding.heads import Heads
 from .descriptor import Act, Args, LayoutMap, Site, Style, stored_whole
 from .local_embedding import LocalEmbedding, is_plain_embedding
 from .local_linear import LocalColwise, LocalLmHead, LocalRowwise
@@ -146,9 +147,15 @@ def _plain_linear(module: nn.Module | None) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
+def _per_head_embedding(module: nn.Module | None, heads: Heads | None) -> bool:
+    """An embedding of one value per query head (T5's relative attention bias), whose columns then
+    split as the heads do: balanced where they do not divide."""
+    return isinstance(module, nn.Embedding) and heads is not None and module.embedding_dim == heads.q
+
+
 def build_colwise(site: Site) -> ParallelStyle:
     args = site.args
-    if _needs_layout(site.module, args.parts, args.unit):
+    if _needs_layout(site.module, args.parts, args.unit) or _per_head_embedding(site.module, site.heads):
         return ColwiseLayout(parts=args.parts, unit=args.unit, heads=site.heads)
     return LocalColwise(heads=site.heads) if _plain_linear(site.module) else OwnedColwiseParallel()
 

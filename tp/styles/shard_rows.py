@@ -22,18 +22,10 @@ from torch.distributed.tensor.parallel import ParallelStyle
 
 from ..errors import SizeError
 from ..sharding.heads import Heads
-from ..sharding.layouts import Layout
 from ..sharding.lending import lend_during_forward, lend_local_params
 from ..sharding.tags import local_rows, place_parameter
 from .descriptor import Act, Args, LayoutMap, Site, Style, stored_whole
-
-
-def per_head_layout(rows: int, heads: Heads | None) -> Layout | None:
-    """The layout of a parameter of ``rows`` rows when they are one per query head: whole heads,
-    balanced where they do not divide; None for other rows, which must divide."""
-    if heads is not None and rows == heads.q:
-        return heads.query_layout(1)
-    return None
+from .layout import heads_layout
 
 
 class ShardRows(ParallelStyle):
@@ -44,7 +36,7 @@ class ShardRows(ParallelStyle):
         lend (tuple[str, ...]): children whose sharded parameters this module's forward reads
             directly (Mamba's mixer reads ``conv1d.weight``); their local rows are lent too.
         heads (Heads): the attention's heads, when a parameter may hold one row per query head
-            (GPT-OSS's sinks): those rows then follow the heads' split (``per_head_layout``).
+            (GPT-OSS's sinks): those rows then follow the heads' split (``heads_layout``).
 
     Example::
         >>> parallelize_module(model, mesh, {"layers.0.self_attn": ShardRows(params=("sinks",))})
@@ -67,7 +59,7 @@ class ShardRows(ParallelStyle):
         tp = device_mesh.size()
         for name in names:
             param = own[name]
-            layout = per_head_layout(param.shape[0], self.heads)
+            layout = heads_layout(param.shape[0], self.heads)
             if layout is not None and not layout.problems(tp):
                 place_parameter(module, name, layout, 0, device_mesh)
                 continue
@@ -102,7 +94,7 @@ def _per_head(site: Site) -> LayoutMap:
     """The parameters with one row per query head, laid out as the heads split."""
     params = dict(site.module.named_parameters(recurse=False))
     return {name: (layout, 0) for name in _names(site) if name in params
-            and (layout := per_head_layout(params[name].shape[0], site.heads)) is not None}
+            and (layout := heads_layout(params[name].shape[0], site.heads)) is not None}
 
 
 def _rows(site: Site) -> dict[str, int]:
