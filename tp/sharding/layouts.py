@@ -71,6 +71,7 @@ class Part:
     multiple: int = 1  # each rank's units must be a multiple of this (a kernel's alignment) ...
     why_multiple: str = ""  # ... for this reason
     uneven: bool = False  # alone in its layout, it may split as torch.chunk does (rows nothing groups)
+    may_be_empty: bool = False  # ... leaving the last ranks none (a linear's features; not a convolution's channels)
     serves: int = 0  # kv heads: the query heads they serve, each rank's held by need when no even split exists
     group_q: int = 0  # kv groups: the query heads of each group (its k and v heads follow them)
     balanced: bool = False  # query heads: where they do not divide, the first units % tp ranks hold one more
@@ -117,8 +118,8 @@ class Part:
         if self.balances(tp):
             return None
         if self.uneven and alone and self.multiple == 1:
-            if len(self.local_units(tp, tp - 1)):
-                return None  # the last ranks hold fewer rows
+            if len(self.local_units(tp, tp - 1)) or self.may_be_empty:
+                return None  # the last ranks hold fewer rows, or none
             # a convolution cannot run with no output channels (torch refuses the empty weight)
             return (f"{self.name}: {self.units} {self.unit} split as torch.chunk splits them "
                     f"({-(-self.units // tp)} per rank) leave rank {tp - 1} none at tp={tp}")

@@ -89,7 +89,8 @@ def heads_layout(size: int, heads: Heads | None) -> Layout | None:
     return None
 
 
-def build_layout(size: int, *, parts, unit: str, heads: Heads | None, where: str) -> Layout:
+def build_layout(size: int, *, parts, unit: str, heads: Heads | None, where: str, may_be_empty: bool = False
+                 ) -> Layout:
     """The layout of a dimension of ``size`` rows.
 
     ``parts`` is a number of equal parts (gate and up: 2) or a list of head kinds, ``"q"``
@@ -97,7 +98,9 @@ def build_layout(size: int, *, parts, unit: str, heads: Heads | None, where: str
     Equal parts are split in units of ``unit``: single rows, query ``head``s (all the rows of
     one head, e.g. its q, k and v when interleaved per head), ``head_dim`` rows (one head's
     q, k or v) or kv ``group``s (a kv head with its query heads, as Falcon packs them). One part
-    of single rows that are all the query heads is split as whole heads (``heads_layout``).
+    of single rows that are all the query heads is split as whole heads (``heads_layout``); other
+    single rows split as ``torch.chunk`` does, leaving the last ranks none only where
+    ``may_be_empty`` (a linear's features, not a convolution's channels).
     """
     if isinstance(parts, (list, tuple)):
         if heads is None:
@@ -133,7 +136,7 @@ def build_layout(size: int, *, parts, unit: str, heads: Heads | None, where: str
     # whole query heads, each with its q, k and v (Bloom), split balanced where they do not divide
     balanced = unit == "head" and parts == 1
     return Layout(tuple(Part(units, size // total, name=f"part {i}", unit=word, uneven=unit == "row", group_q=group_q,
-                             balanced=balanced) for i in range(parts)))
+                             balanced=balanced, may_be_empty=may_be_empty) for i in range(parts)))
 
 
 def first_input(style: str, module: nn.Module, args: tuple, kwargs: dict):
@@ -170,8 +173,9 @@ class LayoutParallel(ParallelStyle):
         for name, dim in parameter_dims(module, self.kind, type(self).__name__).items():
             param = getattr(module, name, None)
             if param is not None:
-                found[name] = (build_layout(param.shape[dim], parts=self.parts, unit=self.unit,
-                                            heads=self.heads, where=where), dim)
+                # a linear runs a rank with no features (an empty weight); a convolution cannot
+                found[name] = (build_layout(param.shape[dim], parts=self.parts, unit=self.unit, heads=self.heads,
+                                            where=where, may_be_empty=not isinstance(module, CONVOLUTIONS)), dim)
         return found
 
     def _check_sizes(self, module: nn.Module, layouts, tp: int) -> None:
