@@ -72,11 +72,17 @@ def test_other_sizes_than_the_registry_tiny_config(pool2, pool4):
     _check(tp.verify("mistral", tp=4, pool=pool4, config_overrides=sizes))
 
 
-def test_cohere_per_head_qk_norms(pool2):
-    """With use_qk_norm, Cohere's q/k LayerNorms hold a weight row per head (plans/cohere.py)."""
+def test_cohere_per_head_qk_norms(pool2, pool4):
+    """With use_qk_norm, Cohere's q/k LayerNorms hold a weight row per head (plans/cohere.py), sharded
+    with the heads; 6 heads at TP=4 split balanced (2, 2, 1, 1), the norms' rows stored whole with
+    the projections (one backward all-reduce each)."""
     result = tp.verify("cohere", tp=2, pool=pool2, config_overrides={"use_qk_norm": True})
     _check(result)
-    assert "head_norm" in result.report
+    assert "shard_rows" in result.report
+    six = dict(use_qk_norm=True, num_attention_heads=6, num_key_value_heads=6, hidden_size=48, head_dim=8)
+    balanced = tp.verify("cohere", tp=4, pool=pool4, config_overrides=six)
+    assert balanced.ok, balanced.table()
+    assert (balanced.per_block_forward, balanced.per_block_backward) == (2, 2 + 6), balanced.table()
 
 
 @pytest.mark.parametrize("model_type", ["phi", "helium"])
