@@ -104,6 +104,18 @@ def test_checkpoint_loads_decodes_and_saves_bit_for_bit(heads, pool4, tmp_path):
     assert hf_checkpoint.differing_tensors(tmp_path / "ckpt", tmp_path / "saved") == []
 
 
+def test_cohere_per_head_norms_load_decode_and_save_bit_for_bit(pool4, tmp_path):
+    """Cohere's q/k norms hold one weight row per head: at a balanced split they are stored whole
+    with the projections, read into shards from a transformers checkpoint and saved back exactly."""
+    model = tiny_model("cohere", use_qk_norm=True, **HEADS["mha-6"])
+    reference = hf_checkpoint.save_and_decode(model, IDS, tmp_path / "ckpt")
+    found = pool4.run(hf_checkpoint.load_decode_save, str(tmp_path / "ckpt"), str(tmp_path / "saved"), IDS)
+    for rank in found:
+        assert (rank["logits"] - reference["logits"]).abs().max().item() <= 1e-5
+        assert torch.equal(rank["tokens"], reference["tokens"])
+    assert hf_checkpoint.differing_tensors(tmp_path / "ckpt", tmp_path / "saved") == []
+
+
 @pytest.mark.parametrize("heads", ["mha-6", "gqa-6q-3kv"])
 def test_torch_dcp_reshards_balanced_heads_to_an_even_split(heads, pool2, pool4, tmp_path):
     """Saved at TP=4 (heads 2, 2, 1, 1: the projections whole), loaded at TP=2 (3 and 3)."""
