@@ -21,11 +21,12 @@ class HeadNorm(ParallelStyle):
     """A norm over each attention head's features, inside the region where heads are sharded.
 
     Qwen3 normalises q and k per head with one weight of ``head_dim`` features shared by all
-    heads; Cohere keeps one weight row per head. Either way a rank sees only its own heads,
-    so a plain weight would get a silently incomplete gradient. Here the input is marked as
-    sharded along the heads dimension; a shared weight becomes a replicated DTensor whose
-    gradient DTensor sums over ranks, and a per-head weight (heads first) is sharded with the
-    heads. The output goes back to a local tensor for the attention code that follows.
+    heads. A rank sees only its own heads, so a plain weight would get a silently incomplete
+    gradient. Here the input is marked as sharded along the heads dimension; a shared weight
+    becomes a replicated DTensor whose gradient DTensor sums over ranks, and a per-head weight
+    (heads first) is sharded evenly with the heads. (Cohere's per-head weights are ``shard_rows``,
+    which also follows a balanced head split.) The output goes back to a local tensor for the
+    attention code that follows.
 
     Keyword Args:
         head_dim (int): the heads dimension of the norm's input. Default: 2, for
@@ -66,7 +67,7 @@ class HeadNormArgs(Args):
 
 
 def _per_head_weights(site: Site) -> dict[str, int]:
-    """A weight with a row per head (Cohere) is sharded with the heads; a shared one stays whole."""
+    """A weight with a row per head is sharded with the heads; a shared one stays whole."""
     return {n: 0 for n, p in site.module.named_parameters(recurse=False) if p.dim() >= 2}
 
 
